@@ -1,0 +1,1 @@
+"""Two-crop input pipelines of fastmoco (installed as `fastmoco.pipelines`)."""
