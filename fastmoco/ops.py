@@ -96,3 +96,13 @@ def symmetric_contrastive_loss(q1, q2, k1, k2, tau: float, offset: int) -> torch
     else:
         from fastmoco.kernels.contrastive import symmetric_contrastive_loss_ref as fn
     return fn(q1, q2, k1, k2, tau, offset)
+
+
+def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor) -> None:
+    """momentum <- m * momentum + (1 - m) * online over every tensor of the lists; `m` a 0-dim
+    device tensor (no host sync). Momentum tensors are fp32; online may be bf16."""
+    if use_fused("ema", momentum[0]):
+        from fastmoco.kernels.ema import ema_multi_ as fn
+    else:
+        from fastmoco.kernels.ema import ema_foreach_ as fn
+    fn(momentum, online, m)

@@ -1,0 +1,73 @@
+"""MoCo v3 for ViTs (Chen, Xie, He, ICCV 2021), as the official code defines it.
+
+    online   = backbone -> projector (3-layer BN-MLP) -> predictor (2-layer BN-MLP)
+    momentum = backbone -> projector, an EMA of the online encoder, no gradients
+    loss     = ctr(q1, k2) + ctr(q2, k1),
+    ctr(q, k) = CE(normalize(q) @ normalize(gather(k)).T / tau, arange(N) + N * rank) * 2 * tau
+
+Module names follow the official checkpoint (base_encoder, momentum_encoder,
+predictor; each encoder's projector is its `head`).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from fastmoco import ops
+from fastmoco.distributed import concat_all_gather, get_rank
+from fastmoco.models.heads import predictor, projector
+from fastmoco.models.vit import VisionTransformer
+
+
+class MoCo(nn.Module):
+    def __init__(self, arch: str = "vit_small", img_size: int = 224, dim: int = 256, mlp_dim: int = 4096,
+                 tau: float = 0.2, frozen_patch_embed: bool = True, grad_checkpointing: bool = False):
+        super().__init__()
+        self.tau = tau
+        self.base_encoder = VisionTransformer(arch, img_size=img_size, frozen_patch_embed=frozen_patch_embed,
+                                              grad_checkpointing=grad_checkpointing)
+        self.base_encoder.head = projector(self.base_encoder.embed_dim, mlp_dim, dim)
+        self.predictor = predictor(dim, mlp_dim)
+        self.momentum_encoder = copy.deepcopy(self.base_encoder)
+        for p in self.momentum_encoder.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, model_cfg, moco_cfg) -> "MoCo":
+        return cls(model_cfg.arch, img_size=model_cfg.img_size, dim=moco_cfg.dim, mlp_dim=moco_cfg.mlp_dim,
+                   tau=moco_cfg.tau, frozen_patch_embed=model_cfg.frozen_patch_embed,
+                   grad_checkpointing=model_cfg.grad_checkpointing)
+
+    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(momentum params, online params), in matching order; built once and cached.
+        The parameter objects survive dtype/device moves (their .data is swapped in place)."""
+        if not hasattr(self, "_ema_pairs"):
+            mom = list(self.momentum_encoder.parameters())
+            onl = list(self.base_encoder.parameters())
+            self._ema_pairs = (mom, onl)
+        return self._ema_pairs
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m: torch.Tensor) -> None:
+        """momentum <- m * momentum + (1 - m) * online over all parameters, in one multi-tensor op.
+        `m`: 0-dim fp32 tensor on the parameters' device (no host sync)."""
+        ops.ema_update_(*self.ema_pairs(), m)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """x1, x2: (N, 3, H, W) the two views of the same N images. Returns the scalar loss.
+        With `m` given, the momentum encoder is updated first (the official order)."""
+        n = x1.shape[0]
+        x = torch.cat([x1, x2])  # (2N, 3, H, W): the backbone has no batch statistics, heads do
+        feats = self.base_encoder.forward_features(x)
+        head = self.base_encoder.head
+        q1 = self.predictor(head(feats[:n]))  # BN statistics per view, as the official code
+        q2 = self.predictor(head(feats[n:]))
+        with torch.no_grad():
+            if m is not None:
+                self.update_momentum_encoder(m)
+            feats_k = self.momentum_encoder.forward_features(x)
+            k1 = concat_all_gather(self.momentum_encoder.head(feats_k[:n]))
+            k2 = concat_all_gather(self.momentum_encoder.head(feats_k[n:]))
+        return ops.symmetric_contrastive_loss(q1, q2, k1, k2, self.tau, n * get_rank())

@@ -1,0 +1,193 @@
+"""Vision Transformer as MoCo v3 builds it (fixed 2-D sin-cos positions, MoCo init).
+
+Parameter names follow timm's `VisionTransformer`, so a backbone state dict
+loads into `timm.create_model("vit_base_patch16_224", num_classes=0)` as is
+(ViT-S: pass `num_heads=12`, MoCo v3's choice; timm's ViT-S has 6).
+
+Every block calls attention and LayerNorm through `fastmoco.ops`, which
+picks the Triton kernels or the PyTorch reference. The residual stream is
+carried as (x, branch) between sub-blocks so that "h = x + branch; y = LN(h)"
+is one fused op on the GPU.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fastmoco import ops
+
+LN_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    timm_name: str  # the timm model whose state dict layout matches
+
+
+# MoCo v3 (vits.py of the official code): ViT-S uses 12 heads, not timm's 6.
+VIT_SIZES = {
+    "vit_test": ViTSize(8, 72, 2, 3, "vit_tiny_patch16_224"),  # CPU tests: head dim 24, width 72
+    "vit_tiny": ViTSize(16, 192, 12, 3, "vit_tiny_patch16_224"),
+    "vit_small": ViTSize(16, 384, 12, 12, "vit_small_patch16_224"),
+    "vit_base": ViTSize(16, 768, 12, 12, "vit_base_patch16_224"),
+    "vit_large": ViTSize(16, 1024, 24, 16, "vit_large_patch16_224"),
+    "vit_huge": ViTSize(14, 1280, 32, 16, "vit_huge_patch14_224"),
+}
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state dict) routed through `ops.layernorm`."""
+
+    def forward(self, x):
+        return ops.layernorm(x, self.weight, self.bias, self.eps)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, img_size: int, patch_size: int, embed_dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, P, C)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, N, C)
+        return self.proj(ops.attention(self.qkv(x), self.num_heads))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. Takes and returns the residual stream as
+    (x, branch): the stream is x + branch, with branch None for a plain x."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, branch=None):
+        if branch is None:
+            h = self.norm1(x)
+        else:
+            x, h = ops.add_layernorm(x, branch, self.norm1.weight, self.norm1.bias, LN_EPS)
+        x, h = ops.add_layernorm(x, self.attn(h), self.norm2.weight, self.norm2.bias, LN_EPS)
+        return x, self.mlp(h)
+
+
+def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """MoCo v3's fixed position embedding, (1, 1 + grid_h * grid_w, dim); the class token's is zero.
+
+    Per patch (i along the first grid axis, j along the second):
+    [sin(i w), cos(i w), sin(j w), cos(j w)] with w = temperature^(-k / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ii, jj = torch.meshgrid(torch.arange(grid_w, dtype=torch.float64),
+                            torch.arange(grid_h, dtype=torch.float64), indexing="ij")
+    a = ii.flatten()[:, None] * omega[None]  # (P, dim/4)
+    b = jj.flatten()[:, None] * omega[None]
+    pe = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), pe]).float()[None]
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning the final-norm class token, (B, embed_dim).
+
+    `head` is Identity here; MoCo replaces it by the projector, as the official code does.
+    """
+
+    def __init__(self, arch: str = "vit_small", img_size: int = 224, frozen_patch_embed: bool = True,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        if arch not in VIT_SIZES:
+            raise ValueError(f"model.arch {arch!r} unknown (known: {', '.join(VIT_SIZES)})")
+        size = VIT_SIZES[arch]
+        self.arch, self.size = arch, size
+        self.embed_dim = size.embed_dim
+        self.grad_checkpointing = grad_checkpointing
+        self.patch_embed = PatchEmbed(img_size, size.patch_size, size.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, size.embed_dim))
+        # Fixed, never trained: a buffer (still named pos_embed in the state dict, as timm's).
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.patch_embed.grid_size, size.embed_dim))
+        self.blocks = nn.ModuleList(Block(size.embed_dim, size.num_heads) for _ in range(size.depth))
+        self.norm = LayerNorm(size.embed_dim, eps=LN_EPS)
+        self.head = nn.Identity()
+        self._init_weights()
+        if frozen_patch_embed:
+            self.patch_embed.proj.weight.requires_grad_(False)
+            self.patch_embed.proj.bias.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self):
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if name.endswith("qkv"):
+                    # q, k and v as three separate (dim x dim) matrices for xavier-uniform
+                    bound = math.sqrt(6.0 / (m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        proj = self.patch_embed.proj
+        fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        bound = math.sqrt(6.0 / (fan_in + self.embed_dim))
+        nn.init.uniform_(proj.weight, -bound, bound)
+        nn.init.zeros_(proj.bias)
+
+    def forward_features(self, x):  # (B, 3, H, W) -> (B, C)
+        x = self.patch_embed(x) + self.pos_embed[:, 1:].to(x.dtype)
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + P, C)
+        branch = None
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, branch = checkpoint(blk, x, branch, use_reentrant=False)
+            else:
+                x, branch = blk(x, branch)
+        _, x = ops.add_layernorm(x, branch, self.norm.weight, self.norm.bias, LN_EPS)
+        return x[:, 0]
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+    def backbone_state_dict(self) -> dict:
+        """State dict in timm's names, without the MoCo head."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+
+
+def vit(arch: str, **kwargs) -> VisionTransformer:
+    return VisionTransformer(arch, **kwargs)
