@@ -19,6 +19,7 @@ from fastmoco import ops
 from fastmoco.distributed import concat_all_gather, get_rank
 from fastmoco.models.heads import predictor, projector
 from fastmoco.models.vit import VisionTransformer
+from fastmoco.momentum import MomentumState
 
 
 class MoCo(nn.Module):
@@ -33,6 +34,7 @@ class MoCo(nn.Module):
         self.momentum_encoder = copy.deepcopy(self.base_encoder)
         for p in self.momentum_encoder.parameters():
             p.requires_grad_(False)
+        self.momentum_state: MomentumState | None = None
 
     @classmethod
     def from_config(cls, model_cfg, moco_cfg) -> "MoCo":
@@ -40,34 +42,35 @@ class MoCo(nn.Module):
                    tau=moco_cfg.tau, frozen_patch_embed=model_cfg.frozen_patch_embed,
                    grad_checkpointing=model_cfg.grad_checkpointing)
 
-    def ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(momentum params, online params), in matching order; built once and cached.
-        The parameter objects survive dtype/device moves (their .data is swapped in place)."""
-        if not hasattr(self, "_ema_pairs"):
-            mom = list(self.momentum_encoder.parameters())
-            onl = list(self.base_encoder.parameters())
-            self._ema_pairs = (mom, onl)
-        return self._ema_pairs
+    def build_momentum_state(self, fp32_values: list[torch.Tensor] | None = None, rank: int = 0) -> MomentumState:
+        """(Re)build the EMA state over the parameters' current storage. A wrapper that casts the
+        module (DeepSpeed bf16) or re-points parameters (ZeRO) calls this afterwards, with the
+        momentum weights' fp32 values taken before the cast, so the master stays fp32."""
+        self.momentum_state = MomentumState(list(self.momentum_encoder.parameters()),
+                                            list(self.base_encoder.parameters()), fp32_values, rank)
+        return self.momentum_state
 
     @torch.no_grad()
     def update_momentum_encoder(self, m: torch.Tensor) -> None:
         """momentum <- m * momentum + (1 - m) * online over all parameters, in one multi-tensor op.
         `m`: 0-dim fp32 tensor on the parameters' device (no host sync)."""
-        ops.ema_update_(*self.ema_pairs(), m)
+        if self.momentum_state is None:
+            self.build_momentum_state()
+        self.momentum_state.update(m)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         """x1, x2: (N, 3, H, W) the two views of the same N images. Returns the scalar loss.
         With `m` given, the momentum encoder is updated first (the official order)."""
         n = x1.shape[0]
         x = torch.cat([x1, x2])  # (2N, 3, H, W): the backbone has no batch statistics, heads do
-        feats = self.base_encoder.forward_features(x)
+        feats = self.base_encoder(x, head=False)
         head = self.base_encoder.head
         q1 = self.predictor(head(feats[:n]))  # BN statistics per view, as the official code
         q2 = self.predictor(head(feats[n:]))
         with torch.no_grad():
             if m is not None:
                 self.update_momentum_encoder(m)
-            feats_k = self.momentum_encoder.forward_features(x)
+            feats_k = self.momentum_encoder(x, head=False)
             k1 = concat_all_gather(self.momentum_encoder.head(feats_k[:n]))
             k2 = concat_all_gather(self.momentum_encoder.head(feats_k[n:]))
         return ops.symmetric_contrastive_loss(q1, q2, k1, k2, self.tau, n * get_rank())

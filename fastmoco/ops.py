@@ -98,11 +98,15 @@ def symmetric_contrastive_loss(q1, q2, k1, k2, tau: float, offset: int) -> torch
     return fn(q1, q2, k1, k2, tau, offset)
 
 
-def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor) -> None:
-    """momentum <- m * momentum + (1 - m) * online over every tensor of the lists; `m` a 0-dim
-    device tensor (no host sync). Momentum tensors are fp32; online may be bf16."""
+def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor,
+                bf16_out: list[torch.Tensor] | None = None) -> None:
+    """momentum <- m * momentum + (1 - m) * online over every tensor of the lists, then (optionally)
+    bf16_out <- momentum. `m` a 0-dim device tensor (no host sync); momentum fp32, online fp32/bf16."""
     if use_fused("ema", momentum[0]):
-        from fastmoco.kernels.ema import ema_multi_ as fn
+        from fastmoco.kernels.ema import ema_multi_
+        ema_multi_(momentum, online, m, bf16_out)
     else:
-        from fastmoco.kernels.ema import ema_foreach_ as fn
-    fn(momentum, online, m)
+        from fastmoco.kernels.ema import ema_foreach_
+        ema_foreach_(momentum, online, m)
+        if bf16_out is not None:
+            torch._foreach_copy_(bf16_out, momentum)

@@ -45,10 +45,16 @@ VIT_SIZES = {
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state dict) routed through `ops.layernorm`."""
+    """nn.LayerNorm (same parameters and state dict) routed through `ops`.
 
-    def forward(self, x):
-        return ops.layernorm(x, self.weight, self.bias, self.eps)
+    norm(x) -> LN(x);  norm(x, branch) -> (h, LN(h)) with h = x + branch, one fused op.
+    Always called as a module, so hooks (ZeRO-3's parameter gathering) see it.
+    """
+
+    def forward(self, x, branch=None):
+        if branch is None:
+            return ops.layernorm(x, self.weight, self.bias, self.eps)
+        return ops.add_layernorm(x, branch, self.weight, self.bias, self.eps)
 
 
 class PatchEmbed(nn.Module):
@@ -100,8 +106,8 @@ class Block(nn.Module):
         if branch is None:
             h = self.norm1(x)
         else:
-            x, h = ops.add_layernorm(x, branch, self.norm1.weight, self.norm1.bias, LN_EPS)
-        x, h = ops.add_layernorm(x, self.attn(h), self.norm2.weight, self.norm2.bias, LN_EPS)
+            x, h = self.norm1(x, branch)
+        x, h = self.norm2(x, self.attn(h))
         return x, self.mlp(h)
 
 
@@ -178,11 +184,14 @@ class VisionTransformer(nn.Module):
                 x, branch = checkpoint(blk, x, branch, use_reentrant=False)
             else:
                 x, branch = blk(x, branch)
-        _, x = ops.add_layernorm(x, branch, self.norm.weight, self.norm.bias, LN_EPS)
+        _, x = self.norm(x, branch)
         return x[:, 0]
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
+    def forward(self, x, head: bool = True):
+        # Called as a module (not forward_features directly) so that hooks on this module,
+        # such as ZeRO-3's parameter gathering, see the call.
+        x = self.forward_features(x)
+        return self.head(x) if head else x
 
     def backbone_state_dict(self) -> dict:
         """State dict in timm's names, without the MoCo head."""

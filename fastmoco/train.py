@@ -1,0 +1,239 @@
+"""MoCo v3 pretraining on DeepSpeed.
+
+    deepspeed fastmoco/train.py --config configs/vit_h.json          # one or many GPUs / nodes
+    torchrun --nproc_per_node 8 fastmoco/train.py --config configs/vit_b.json
+    python fastmoco/train.py --config configs/tiny.json --optim.base_lr 1e-4   # one process
+
+Dotted options after --config override the JSON (see fastmoco/config.py).
+`--resume auto` continues from the newest complete checkpoint in
+<logging.out_dir>/checkpoints, `--resume DIR` from that one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+
+from fastmoco import checkpoint
+from fastmoco.config import Config, ConfigError, load_config, to_dict
+from fastmoco.metrics import MetricLogger, NonFiniteLossError
+from fastmoco.moco import MoCo
+from fastmoco.schedules import build_schedules
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="JSON config file")
+    p.add_argument("--resume", default="", help="'auto' or a checkpoint directory")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_known_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fill_single_process_env() -> None:
+    """Plain `python train.py`: no launcher set the rendezvous, so it is one process of one."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
+    """The DeepSpeed config as DeepSpeed gets it: batch sizes resolved, bf16 'auto' decided."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"deepspeed.{key}: fastmoco builds the optimizer and schedules itself "
+                              "(sections optim and schedule); remove this key")
+    if ds.get("gradient_accumulation_steps", 1) != 1:
+        raise ConfigError("deepspeed.gradient_accumulation_steps must be 1: MoCo contrasts the whole batch "
+                          "in one step; raise the micro batch or add processes instead")
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    total = ds.get("train_batch_size")
+    if micro is None and total is None:
+        raise ConfigError("deepspeed: set train_micro_batch_size_per_gpu (or train_batch_size)")
+    if total is not None:
+        if total % world:
+            raise ConfigError(f"deepspeed.train_batch_size {total} does not divide over {world} processes")
+        if micro is not None and micro * world != total:
+            raise ConfigError(f"deepspeed.train_batch_size {total} != train_micro_batch_size_per_gpu {micro} "
+                              f"x {world} processes")
+        micro = total // world
+    if not isinstance(micro, int) or micro < 2:
+        raise ConfigError(f"deepspeed.train_micro_batch_size_per_gpu must be an integer >= 2 (BatchNorm "
+                          f"in the heads), got {micro!r}")
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": use_cuda if bf16 == "auto" else bool(bf16)}
+    ds.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world, gradient_accumulation_steps=1)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # a client torch.optim.AdamW: no C++ op to build
+    ds.setdefault("steps_per_print", 10 ** 9)  # fastmoco logs itself
+    return ds
+
+
+class Trainer:
+    """Owns the engine, data, schedules and logging; `fit()` is the loop."""
+
+    def __init__(self, cfg: Config, resume: str = ""):
+        import deepspeed
+
+        self.cfg = cfg
+        if cfg.model.img_size != cfg.data.image_size:
+            raise ConfigError(f"model.img_size {cfg.model.img_size} != data.image_size {cfg.data.image_size}")
+        self.use_cuda = torch.cuda.is_available()
+        if self.use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
+        import torch.distributed as dist
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
+        ds_cfg = resolve_deepspeed_config(cfg, self.world, self.use_cuda)
+        self.bf16 = ds_cfg["bf16"]["enabled"]
+        self.micro = ds_cfg["train_micro_batch_size_per_gpu"]
+        self.global_batch = self.micro * self.world
+        self.zero_stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+        self.out_dir = Path(cfg.logging.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+
+        # Data first: a missing or empty folder fails before the model is built.
+        from fastmoco.pipelines import build_loader
+        self.loader = build_loader(cfg.data, batch_size=self.micro, shard_id=self.rank, num_shards=self.world,
+                                   device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        self.steps_per_epoch = len(self.loader)
+        self.sched = build_schedules(base_lr=cfg.optim.base_lr, global_batch=self.global_batch,
+                                     epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
+                                     steps_per_epoch=self.steps_per_epoch, m0=cfg.moco.momentum,
+                                     cosine_momentum=cfg.moco.momentum_cosine, weight_decay=cfg.optim.weight_decay)
+        self.lrs = self.sched.lr.tolist()
+        self.momenta = self.sched.momentum.tolist()
+        # m_t read on the device by the EMA: indexing with a Python int is a view, not a sync
+        self.momentum_dev = self.sched.momentum.to(self.device, torch.float32)
+
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        model = MoCo.from_config(cfg.model, cfg.moco).to(self.device)
+        fp32_momentum = [p.detach().clone() for p in model.momentum_encoder.parameters()] if self.bf16 else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        if o.name != "adamw":
+            raise ConfigError(f"optim.name {o.name!r}: only 'adamw' (MoCo v3's ViT recipe) is supported")
+        optimizer = torch.optim.AdamW(params, lr=self.lrs[0], betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=self.use_cuda)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        self.model: MoCo = self.engine.module
+        # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters.
+        self.model.build_momentum_state(fp32_momentum, self.rank)
+
+        self.step, self.epoch, self.resumed_data = 0, 0, None
+        self.saved_step = -1
+        if resume:
+            self._resume(resume)
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> None:
+        path = checkpoint.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            self._print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting from scratch")
+            return
+        meta, state = checkpoint.load(self.engine, path)
+        self.model.momentum_state.load_state_dict(state["momentum"])
+        self.step, self.epoch = meta["step"], meta["data"]["epoch"]
+        self.loader.load_state_dict(meta["data"])
+        self.resumed_data = meta["data"]
+        self._print(f"resumed from {path} at step {self.step}")
+
+    def save(self) -> Path:
+        data = self.loader.state_dict()
+        if data["step"] >= len(self.loader):  # a finished epoch resumes at the start of the next
+            data = {"epoch": data["epoch"] + 1, "step": 0}
+        meta = {"data": data, "world_size": self.world, "config": to_dict(self.cfg)}
+        per_rank = {"momentum": self.model.momentum_state.state_dict()}
+        path = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, meta=meta, per_rank=per_rank,
+                               keep=self.cfg.checkpoint.keep)
+        self.last_checkpoint, self.saved_step = path, self.step
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        lr = self.lrs[self.step]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.engine(x1, x2, self.momentum_dev[self.step])  # EMA update, then both encoders
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def fit(self) -> None:
+        c = self.cfg
+        total = self.sched.total_steps
+        stop = min(total, c.schedule.max_steps) if c.schedule.max_steps > 0 else total
+        self.last_checkpoint = checkpoint.find_latest(self.ckpt_dir)
+        log = MetricLogger(self.out_dir, log_every=c.logging.log_every, check_every=c.logging.check_finite_every,
+                           total_steps=stop, global_batch=self.global_batch, device=self.device, rank=self.rank,
+                           tensorboard=c.logging.tensorboard, progress=c.logging.progress, start_step=self.step)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(__import__("json").dumps(to_dict(c), indent=1))
+        self.engine.train()
+        try:
+            while self.step < stop and self.epoch < c.schedule.epochs:
+                if self.resumed_data is None:
+                    self.loader.set_epoch(self.epoch)
+                self.resumed_data = None
+                for x1, x2, _ in self.loader:
+                    log.record(self.train_step(x1, x2))
+                    self.step += 1
+                    log.after_step(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+                    every = c.checkpoint.every_steps
+                    if (every and self.step % every == 0) or self.step == stop:
+                        log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch,
+                                  log=False)  # never checkpoint a non-finite model
+                        self.save()
+                    if self.step >= stop:
+                        break
+                else:
+                    self.epoch += 1
+                    due = c.checkpoint.every_epochs and self.epoch % c.checkpoint.every_epochs == 0
+                    if due and self.saved_step != self.step:
+                        log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1],
+                                  self.epoch, log=False)
+                        self.save()
+        except NonFiniteLossError as e:
+            log.close()
+            where = self.last_checkpoint or "none written yet"
+            raise SystemExit(f"fastmoco: {e}; stopping. Last good checkpoint: {where}") from None
+        log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+        log.close()
+        self._print(f"done: {self.step} steps\ncheckpoint: {self.last_checkpoint}\n"
+                    f"metrics: {self.out_dir / 'metrics.jsonl'}")
+
+    def _print(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"fastmoco: config error: {e}") from None
+    fill_single_process_env()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"fastmoco: {e}") from None
+    trainer.fit()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,171 @@
+"""The training entry on the CPU: DeepSpeed on gloo, 1 and 2 processes, ZeRO 0/2/3,
+resume, interrupted checkpoint writes, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmoco.config import ConfigError, load_config
+from fastmoco.train import resolve_deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.json")
+WORKER = str(ROOT / "tests" / "train_worker.py")
+COMMON = ["--logging.log_every", "1", "--logging.check_finite_every", "1", "--logging.tensorboard", "false"]
+
+
+def run(cmd, check=True, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # the reference path; the kernels have their own tests
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def train_1proc(out_dir, *overrides, mode="fit", dump=None):
+    return run([sys.executable, WORKER, mode, str(dump or out_dir / "dump.pt"), TINY,
+                "--logging.out_dir", str(out_dir), *COMMON, *overrides])
+
+
+def train_2proc(out_dir, *overrides):
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+                WORKER, "fit", str(out_dir / "dump.pt"), TINY, "--logging.out_dir", str(out_dir), *COMMON,
+                "--deepspeed.train_micro_batch_size_per_gpu", "4", *overrides])
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One process, micro batch 8, 12 steps (over an epoch boundary: 8 steps per epoch)."""
+    out = tmp_path_factory.mktemp("baseline")
+    train_1proc(out, "--schedule.max_steps", "12")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_processes_equal_one_on_the_global_batch(baseline, tmp_path, stage):
+    train_2proc(tmp_path, "--schedule.max_steps", "4", "--deepspeed.zero_optimization.stage", str(stage))
+    one, two = losses(baseline), losses(tmp_path)
+    assert sorted(two) == [1, 2, 3, 4]
+    for s in two:
+        assert two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), (s, two[s], one[s])
+    dump = torch.load(tmp_path / "dump.pt")
+    if stage == 3:
+        # every rank holds half (rounded up) of every parameter of both encoders
+        assert any(k.startswith("momentum.") for k in dump["shards"])
+        for name, (local, full) in dump["shards"].items():
+            assert local == (full + 1) // 2, name
+        assert len(dump["shards"]) == 2 * sum(1 for k in dump["shards"] if k.startswith("online."))
+    else:
+        assert dump["shards"] == {}
+
+
+@pytest.mark.slow
+def test_sharded_momentum_encoder_equals_unsharded(tmp_path):
+    """After k steps the ZeRO-3 momentum encoder, gathered, equals a plain one-process run's."""
+    ref = tmp_path / "ref"
+    train_1proc(ref, "--schedule.max_steps", "4")
+    z3 = tmp_path / "z3"
+    train_2proc(z3, "--schedule.max_steps", "4", "--deepspeed.zero_optimization.stage", "3")
+    a, b = torch.load(ref / "dump.pt")["momentum"], torch.load(z3 / "dump.pt")["momentum"]
+    assert a.keys() == b.keys() and len(a) > 20
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(baseline, tmp_path):
+    train_1proc(tmp_path, "--schedule.max_steps", "6")          # stops mid-epoch 0, checkpoint at step 6
+    assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    cmd = [sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY, "--resume", "auto",
+           "--logging.out_dir", str(tmp_path), "--schedule.max_steps", "12", *COMMON]
+    p = run(cmd)
+    assert "resumed from" in p.stdout and "step_00000006" in p.stdout
+    one, two = losses(baseline), losses(tmp_path)
+    assert sorted(two) == list(range(1, 13))
+    for s in range(7, 13):  # after the resume, across the epoch boundary at 8
+        assert two[s] == one[s], (s, two[s], one[s])
+    for s in range(1, 7):
+        assert two[s] == one[s]
+
+
+@pytest.mark.slow
+def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
+    dump = tmp_path / "crash.json"
+    train_1proc(tmp_path, "--schedule.max_steps", "4", mode="crash-save", dump=dump)
+    r = json.loads(dump.read_text())
+    assert r["crashed"]
+    assert r["latest"] == r["good"] and r["latest"].endswith("step_00000004")
+    assert r["resumed_step"] == 4 and math.isfinite(r["loss_after_resume"])
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert "step_00000005" not in ckpts  # the half-written one never looks complete
+
+
+def test_deepspeed_batch_config_errors():
+    cfg = load_config(TINY, ["--deepspeed.train_batch_size", "9"])
+    with pytest.raises(ConfigError, match="train_batch_size 9 does not divide over 2 processes"):
+        resolve_deepspeed_config(cfg, world=2, use_cuda=False)
+    cfg = load_config(TINY, ["--deepspeed.train_micro_batch_size_per_gpu", "1"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu must be an integer >= 2"):
+        resolve_deepspeed_config(cfg, world=2, use_cuda=False)
+    cfg = load_config(TINY, ["--deepspeed.gradient_accumulation_steps", "2"])
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        resolve_deepspeed_config(cfg, world=1, use_cuda=False)
+    cfg = load_config(TINY, ["--deepspeed.optimizer", '{"type": "Adam"}'])
+    with pytest.raises(ConfigError, match="deepspeed.optimizer"):
+        resolve_deepspeed_config(cfg, world=1, use_cuda=False)
+    ds = resolve_deepspeed_config(load_config(TINY, ["--deepspeed.train_batch_size", "16"]), world=2, use_cuda=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["bf16"]["enabled"] is False
+    assert resolve_deepspeed_config(load_config(TINY), world=1, use_cuda=True)["bf16"]["enabled"] is True
+
+
+def train_cli(tmp_path, *overrides):
+    return run([sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY,
+                "--logging.out_dir", str(tmp_path / "run"), *COMMON, *overrides], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "empty", "unknown_key", "image_size"])
+def test_bad_input_stops_before_training_with_a_clear_error(tmp_path, case):
+    if case == "missing":
+        p = train_cli(tmp_path, "--data.source", "folder", "--data.path", str(tmp_path / "nope"))
+        expect = str(tmp_path / "nope")
+    elif case == "empty":
+        (tmp_path / "data" / "class_a").mkdir(parents=True)
+        p = train_cli(tmp_path, "--data.source", "folder", "--data.path", str(tmp_path / "data"))
+        expect = "no images"
+    elif case == "unknown_key":
+        p = train_cli(tmp_path, "--optim.lrr", "1")
+        expect = "optim.lrr"
+    else:
+        p = train_cli(tmp_path, "--data.image_size", "48")
+        expect = "model.img_size 32 != data.image_size 48"
+    assert p.returncode != 0
+    assert expect in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_non_image_file_is_skipped_with_a_warning_and_the_run_goes_on(tmp_path):
+    from fastmoco.pipelines.demo_data import make_demo_data
+    data = tmp_path / "data"
+    make_demo_data(data, num_images=24, seed=0)
+    cls = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    (cls / "notes.txt").write_text("not an image")
+    p = train_cli(tmp_path, "--data.source", "folder", "--data.path", str(data), "--data.backend", "torchvision",
+                  "--data.num_threads", "0", "--schedule.max_steps", "2",
+                  "--deepspeed.train_micro_batch_size_per_gpu", "4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "notes.txt" in p.stderr
+    assert len(losses(tmp_path / "run")) == 2
