@@ -2,7 +2,8 @@
 
     cfg = load_config("configs/vit_b.json", overrides=["--optim.base_lr", "1e-4"])
 
-Unknown keys are rejected with their dotted path named; command-line overrides
+Unknown keys are rejected with their dotted path named (a top-level "_comment"
+string is allowed for notes); command-line overrides
 use the same dotted paths; `to_dict(cfg)` gives back plain JSON that
 `from_dict` reads again (it is saved with every checkpoint).
 """
@@ -212,6 +213,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    d = {k: v for k, v in d.items() if k != "_comment"}  # JSON has no comments: one documented key
     base = to_dict(Config())
     _deep_merge(base, d, "")
     apply_overrides(base, overrides or [])

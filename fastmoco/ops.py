@@ -102,11 +102,5 @@ def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: tor
                 bf16_out: list[torch.Tensor] | None = None) -> None:
     """momentum <- m * momentum + (1 - m) * online over every tensor of the lists, then (optionally)
     bf16_out <- momentum. `m` a 0-dim device tensor (no host sync); momentum fp32, online fp32/bf16."""
-    if use_fused("ema", momentum[0]):
-        from fastmoco.kernels.ema import ema_multi_
-        ema_multi_(momentum, online, m, bf16_out)
-    else:
-        from fastmoco.kernels.ema import ema_foreach_
-        ema_foreach_(momentum, online, m)
-        if bf16_out is not None:
-            torch._foreach_copy_(bf16_out, momentum)
+    from fastmoco.kernels.ema import ema_update_ as fn
+    fn(momentum, online, m, bf16_out, use_kernel=use_fused("ema", momentum[0]))

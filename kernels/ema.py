@@ -1,9 +1,327 @@
 """Momentum-encoder update (EMA): momentum <- m * momentum + (1 - m) * online.
 
+What is fused: the EMA of every momentum-encoder parameter in ONE launch, the
+read of `m` from a device tensor (no host sync: the update can sit in a
+captured CUDA graph), and, in the same pass, the bf16 copy of the updated
+weights that the momentum encoder's bf16 forward uses. Two forms:
+
+  (a) `ema_flat_`: flat buffers, one elementwise kernel;
+  (b) `ema_multi_`: arbitrary tensor lists (module parameters, ZeRO-3 shard
+      lists), one kernel over a table of data pointers, sizes and per-program
+      (tensor index, start) pairs, the way apex's multi_tensor_apply chunks its
+      lists. The table is built once per set of data pointers and cached on
+      the device, so a step does no host->device copy.
+
+The state is fp32: with m = 0.99999 a bf16 weight could not absorb an update
+of size (1 - m) * (online - momentum). The arithmetic is fp32; online weights
+may be bf16 or fp32. There is no backward: EMA runs under no_grad.
+
+Under TRITON_INTERPRET=1 the multi-tensor kernel runs as it is: the
+interpreter hands CPU tensors to the kernel without copying them and treats a
+pointer as a host address, so addresses read from the table and cast with
+`.to(tl.pointer_type(...))` are dereferenceable. (With CUDA tensors under the
+interpreter they would not be: arguments are copied to the host, table
+entries would still be device addresses. The launcher refuses that case.)
+
 References: `ema_ref_` (the official per-parameter loop) and `ema_foreach_`
 (multi-tensor, the CPU path).
 """
+from __future__ import annotations
+
+import os
+
 import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BLOCK = 4096  # elements per program: 16 per thread at 8 warps, 4 x 128-bit fp32 loads
+NUM_WARPS = 8
+_ALIGN_BYTES = 16  # a 128-bit vector access needs a 16-byte aligned address
+_PLAN_CACHE_SIZE = 8  # momentum/online/shard sets kept; each entry holds only int64 tables
+# apex's amp_C.multi_tensor_axpby takes m as a host float (a sync per step) and cannot
+# write the bf16 copy in the same pass; off unless a bench on the target GPU says otherwise.
+USE_APEX = os.environ.get("FASTMOCO_EMA_APEX", "0") == "1"
+
+
+@triton.jit
+def _to_bf16_rtne(x):
+    """fp32 -> bf16, round to nearest even, in integer arithmetic. The GPU's own
+    cast rounds the same way; the interpreter's truncates, so the copy would not
+    be the bit-exact `momentum.to(bfloat16)` under test. A few integer ops in a
+    bandwidth-bound kernel cost nothing."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x == x, y, x.to(tl.bfloat16))  # NaN stays NaN (the carry could make it inf)
+
+
+@triton.jit
+def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr, HAS_OUT: tl.constexpr):
+    """One block: fp32 EMA, optional bf16 copy. The full-block branch carries no
+    mask so the accesses vectorise; only a tensor's last block is masked."""
+    if IS_FULL:
+        w = tl.load(mom_ptr + offs)
+        x = tl.load(onl_ptr + offs).to(tl.float32)
+    else:
+        mask = offs < numel
+        w = tl.load(mom_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(onl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = m * w + (1.0 - m) * x  # same order as the reference loop
+    if IS_FULL:
+        tl.store(mom_ptr + offs, w)
+        if HAS_OUT:
+            tl.store(out_ptr + offs, _to_bf16_rtne(w))
+    else:
+        tl.store(mom_ptr + offs, w, mask=mask)
+        if HAS_OUT:
+            tl.store(out_ptr + offs, _to_bf16_rtne(w), mask=mask)
+
+
+@triton.jit
+def _ema_flat_kernel(
+    mom_ptr,  # (numel,) fp32, updated in place
+    onl_ptr,  # (numel,) fp32 or bf16
+    out_ptr,  # (numel,) bf16 copy of the updated momentum (unused unless HAS_OUT)
+    m_ptr,  # () fp32 momentum coefficient
+    numel,
+    BLOCK: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    m = tl.load(m_ptr).to(tl.float32)
+    if start + BLOCK <= numel:
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT)
+    else:
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT)
+
+
+@triton.jit
+def _ema_multi_kernel(
+    ptr_tab,  # (3, T) int64 data addresses: momentum (fp32), online, bf16 copy
+    numel_tab,  # (T,) int64 element counts
+    blk_tab,  # (2, B) int64: tensor index, start element of program b
+    m_ptr,  # () fp32 momentum coefficient
+    T,
+    B,
+    BLOCK: tl.constexpr,
+    IS_ONLINE_BF16: tl.constexpr,
+    HAS_OUT: tl.constexpr,
+    IS_ALIGNED: tl.constexpr,  # every address 16-byte aligned: vector accesses allowed
+):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tab + pid)
+    start = tl.load(blk_tab + B + pid)
+    numel = tl.load(numel_tab + t)
+    mom_ptr = tl.load(ptr_tab + t).to(tl.pointer_type(tl.float32))
+    if IS_ONLINE_BF16:
+        onl_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.bfloat16))
+    else:
+        onl_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.float32))
+    out_ptr = tl.load(ptr_tab + 2 * T + t).to(tl.pointer_type(tl.bfloat16))
+    if IS_ALIGNED:
+        # Addresses from a table carry no alignment facts; without these hints
+        # every access would be scalar. Starts are multiples of BLOCK.
+        mom_ptr = tl.multiple_of(mom_ptr, 16)
+        onl_ptr = tl.multiple_of(onl_ptr, 16)
+        out_ptr = tl.multiple_of(out_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
+    offs = start + tl.arange(0, BLOCK)
+    m = tl.load(m_ptr).to(tl.float32)
+    if start + BLOCK <= numel:
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT)
+    else:
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT)
+
+
+def _as_m(m, device: torch.device) -> torch.Tensor:
+    """The momentum coefficient as a 0-dim fp32 tensor on `device` (a float is
+    accepted for convenience; it costs an allocation and a copy per call)."""
+    if not isinstance(m, torch.Tensor):
+        return torch.tensor(float(m), dtype=torch.float32, device=device)
+    if m.numel() != 1 or m.device != device:
+        raise ValueError(f"m must be a 0-dim tensor on {device}, got shape {tuple(m.shape)} on {m.device}")
+    return m.reshape(()).to(torch.float32)
+
+
+def _check_launchable(t: torch.Tensor) -> None:
+    if _INTERPRET and t.is_cuda:
+        raise RuntimeError("TRITON_INTERPRET=1 runs kernels on CPU tensors only")
+
+
+@torch.no_grad()
+def ema_flat_(momentum_flat: torch.Tensor, online_flat: torch.Tensor, m, bf16_out: torch.Tensor | None = None) -> None:
+    """Form (a): one elementwise kernel over flat buffers (any shape, contiguous).
+
+    momentum_flat fp32 (updated in place); online_flat fp32 or bf16; m a 0-dim
+    fp32 tensor on the same device, read in the kernel; bf16_out, if given, a
+    bf16 buffer of the same numel that receives the updated momentum.
+    """
+    if momentum_flat.dtype != torch.float32:
+        raise TypeError(f"momentum state must be fp32, got {momentum_flat.dtype}")
+    if online_flat.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"online weights must be fp32 or bf16, got {online_flat.dtype}")
+    if online_flat.numel() != momentum_flat.numel():
+        raise ValueError(f"numel mismatch: momentum {momentum_flat.numel()}, online {online_flat.numel()}")
+    for t in (momentum_flat, online_flat) + ((bf16_out,) if bf16_out is not None else ()):
+        if not t.is_contiguous():
+            raise ValueError("ema_flat_ needs contiguous buffers")
+    if bf16_out is not None and (bf16_out.dtype != torch.bfloat16 or bf16_out.numel() != momentum_flat.numel()):
+        raise ValueError("bf16_out must be a bf16 buffer with the momentum's numel")
+    _check_launchable(momentum_flat)
+    numel = momentum_flat.numel()
+    if numel == 0:
+        return
+    m = _as_m(m, momentum_flat.device)
+    out = bf16_out if bf16_out is not None else momentum_flat  # never written when HAS_OUT is False
+    grid = (triton.cdiv(numel, BLOCK),)
+    _ema_flat_kernel[grid](momentum_flat, online_flat, out, m, numel,
+                           BLOCK=BLOCK, HAS_OUT=bf16_out is not None, num_warps=NUM_WARPS)
+
+
+class _MultiPlan:
+    """Device tables for one set of (momentum, online, bf16 copy) tensors."""
+
+    def __init__(self, momentum, online, bf16_out, device):
+        T = len(momentum)
+        outs = bf16_out if bf16_out is not None else momentum
+        ptrs = [t.data_ptr() for t in momentum] + [t.data_ptr() for t in online] + [t.data_ptr() for t in outs]
+        numels = torch.tensor([t.numel() for t in momentum], dtype=torch.int64)
+        blocks = (numels + BLOCK - 1) // BLOCK  # programs per tensor (>= 1 for non-empty tensors)
+        tensor_idx = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), blocks)
+        first = torch.cumsum(blocks, 0) - blocks  # first program of each tensor
+        starts = (torch.arange(tensor_idx.numel(), dtype=torch.int64) - first[tensor_idx]) * BLOCK
+        self.T = T
+        self.B = tensor_idx.numel()
+        self.is_aligned = all(p % _ALIGN_BYTES == 0 for p in ptrs)
+        host = torch.cat([torch.tensor(ptrs, dtype=torch.int64), numels, tensor_idx, starts])
+        # One host->device copy, paid once per cached plan (warm up before CUDA-graph capture).
+        table = host.to(device)
+        self.ptr_tab = table[: 3 * T]
+        self.numel_tab = table[3 * T: 4 * T]
+        self.blk_tab = table[4 * T:]
+
+
+_plans: dict[tuple, _MultiPlan] = {}
+
+
+def _plan_for(momentum, online, bf16_out) -> _MultiPlan:
+    outs = bf16_out if bf16_out is not None else ()
+    key = (momentum[0].device, online[0].dtype, bf16_out is not None,
+           tuple(t.data_ptr() for t in momentum), tuple(t.data_ptr() for t in online),
+           tuple(t.data_ptr() for t in outs), tuple(t.numel() for t in momentum))
+    plan = _plans.get(key)
+    if plan is None:
+        _check_lists(momentum, online, bf16_out)
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.pop(next(iter(_plans)))  # oldest first
+        plan = _plans[key] = _MultiPlan(momentum, online, bf16_out, momentum[0].device)
+    return plan
+
+
+def _check_lists(momentum, online, bf16_out) -> None:
+    """Run once per plan: the cache key pins data pointers and sizes."""
+    if len(online) != len(momentum) or (bf16_out is not None and len(bf16_out) != len(momentum)):
+        raise ValueError("momentum, online (and bf16_out) lists must have the same length")
+    dev, odt = momentum[0].device, online[0].dtype
+    if odt not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"online weights must be fp32 or bf16, got {odt}")
+    outs = bf16_out if bf16_out is not None else momentum
+    for i, (w, x, o) in enumerate(zip(momentum, online, outs)):
+        if w.dtype != torch.float32:
+            raise TypeError(f"momentum[{i}] must be fp32 (EMA state), got {w.dtype}")
+        if x.dtype != odt:
+            raise TypeError(f"online[{i}] is {x.dtype}; all online tensors must share one dtype ({odt})")
+        if bf16_out is not None and o.dtype != torch.bfloat16:
+            raise TypeError(f"bf16_out[{i}] must be bf16, got {o.dtype}")
+        if x.numel() != w.numel() or o.numel() != w.numel():
+            raise ValueError(f"tensor {i}: numel mismatch ({w.numel()}, {x.numel()}, {o.numel()})")
+        if not (w.is_contiguous() and x.is_contiguous() and o.is_contiguous()):
+            raise ValueError(f"tensor {i} is not contiguous")
+        if w.device != dev or x.device != dev or o.device != dev:
+            raise ValueError(f"tensor {i} is not on {dev}")
+
+
+@torch.no_grad()
+def ema_multi_(momentum_list: list[torch.Tensor], online_list: list[torch.Tensor], m,
+               bf16_out_list: list[torch.Tensor] | None = None) -> None:
+    """Form (b): ONE launch over arbitrary tensor lists (apex multi_tensor_apply style).
+
+    momentum_list fp32 (updated in place); online_list all bf16 or all fp32,
+    same numels; bf16_out_list, if given, bf16 tensors that receive the updated
+    momentum. Pointer tables are cached keyed on the data pointers: after the
+    first call with a given set of tensors a call does no host->device copy.
+    """
+    keep = [i for i, t in enumerate(momentum_list) if t.numel() > 0]
+    if not keep:
+        return
+    if len(keep) != len(momentum_list):
+        momentum_list = [momentum_list[i] for i in keep]
+        online_list = [online_list[i] for i in keep]
+        bf16_out_list = None if bf16_out_list is None else [bf16_out_list[i] for i in keep]
+    _check_launchable(momentum_list[0])
+    plan = _plan_for(momentum_list, online_list, bf16_out_list)
+    m = _as_m(m, momentum_list[0].device)
+    _ema_multi_kernel[(plan.B,)](
+        plan.ptr_tab, plan.numel_tab, plan.blk_tab, m, plan.T, plan.B,
+        BLOCK=BLOCK, IS_ONLINE_BF16=online_list[0].dtype == torch.bfloat16,
+        HAS_OUT=bf16_out_list is not None, IS_ALIGNED=plan.is_aligned, num_warps=NUM_WARPS)
+
+
+def _apex_axpby():
+    try:
+        import amp_C  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        return None
+    return amp_C.multi_tensor_axpby
+
+
+@torch.no_grad()
+def ema_apex_(momentum: list[torch.Tensor], online: list[torch.Tensor], m, bf16_out=None) -> None:
+    """apex amp_C.multi_tensor_axpby: momentum = (1 - m) * online + m * momentum.
+
+    WARNING: host sync. axpby takes its coefficients as host floats, so a
+    tensor `m` is read with float(m); the bf16 copy is a second pass.
+    """
+    axpby = _apex_axpby()
+    if axpby is None:
+        raise RuntimeError("apex amp_C is not installed")
+    mf = float(m)  # host sync (see docstring)
+    noop = torch.zeros(1, dtype=torch.int32, device=momentum[0].device)
+    axpby(2048 * 32, noop, [list(online), list(momentum), list(momentum)], 1.0 - mf, mf, -1)
+    if bf16_out is not None:
+        torch._foreach_copy_(bf16_out, momentum)
+
+
+@torch.no_grad()
+def ema_update_(momentum, online, m, bf16_out=None, *, use_kernel: bool | None = None) -> None:
+    """The EMA the model calls. Tensors: flat buffers (form a); lists: form (b).
+
+    use_kernel None: the Triton kernel when the tensors are on CUDA, else
+    `ema_foreach_` (plus a copy into bf16_out). True forces the kernel (CPU
+    tests under TRITON_INTERPRET=1). With USE_APEX (env FASTMOCO_EMA_APEX=1)
+    and apex importable, CUDA lists go through `ema_apex_` instead.
+    """
+    is_flat = isinstance(momentum, torch.Tensor)
+    first = momentum if is_flat else (momentum[0] if len(momentum) else None)
+    if first is None:
+        return
+    if use_kernel is None:
+        use_kernel = first.is_cuda
+    if use_kernel:
+        if is_flat:
+            ema_flat_(momentum, online, m, bf16_out)
+        elif USE_APEX and first.is_cuda and _apex_axpby() is not None:
+            ema_apex_(momentum, online, m, bf16_out)
+        else:
+            ema_multi_(momentum, online, m, bf16_out)
+        return
+    momentum_l = [momentum] if is_flat else list(momentum)
+    online_l = [online] if is_flat else list(online)
+    ema_foreach_(momentum_l, online_l, _as_m(m, first.device))
+    if bf16_out is not None:
+        torch._foreach_copy_([bf16_out] if is_flat else list(bf16_out), momentum_l)
 
 
 def ema_ref_(momentum: list[torch.Tensor], online: list[torch.Tensor], m) -> None:

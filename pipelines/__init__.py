@@ -1,1 +1,62 @@
-"""Two-crop input pipelines of fastmoco (installed as `fastmoco.pipelines`)."""
+"""Two-crop input pipelines of fastmoco (installed as `fastmoco.pipelines`).
+
+    loader = build_loader(cfg.data, batch_size=256, shard_id=rank, num_shards=world,
+                          device="cuda", dtype=torch.bfloat16)
+    steps_per_epoch = len(loader)
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)          # (skip on the epoch a checkpoint resumes)
+        for view1, view2, labels in loader:
+            ...
+
+Backends: DALI (default; GPU decode and augmentation, or its CPU twin when
+`device` is the CPU), torchvision/PIL (fallback, also used when DALI cannot
+be imported), synthetic (`cfg.source == "synthetic"`, no files).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .folder import BadImageWarning, DatasetError, check_image_file, scan_image_folder
+from .synthetic import SyntheticTwoCropLoader
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
+    "TwoCropLoader", "augment_params", "benchmark_pipeline", "build_loader", "check_image_file", "mix_seed",
+    "scan_image_folder",
+]
+
+
+def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 train: bool = True) -> TwoCropLoader:
+    """The two-crop loader `cfg` (a DataConfig) asks for; see the module docstring."""
+    if cfg.source == "synthetic":
+        return SyntheticTwoCropLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                                      device=device, dtype=dtype, train=train)
+    if cfg.source != "folder":
+        raise ValueError(f"data.source must be 'folder' or 'synthetic', got {cfg.source!r}")
+    if cfg.backend not in ("dali", "torchvision"):
+        raise ValueError(f"data.backend must be 'dali' or 'torchvision', got {cfg.backend!r}")
+    samples = scan_image_folder(cfg.path, cfg.file_list)
+    kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
+                  dtype=dtype, train=train)
+    if cfg.backend == "dali":
+        from .dali import HAS_DALI, DaliTwoCropLoader
+
+        if HAS_DALI:
+            return DaliTwoCropLoader(samples, cfg, **kwargs)
+        warnings.warn("data.backend is 'dali' but nvidia-dali cannot be imported: "
+                      "using the torchvision loader (much slower)", RuntimeWarning, stacklevel=2)
+    from .torchvision_loader import TorchvisionTwoCropLoader
+
+    return TorchvisionTwoCropLoader(samples, cfg, **kwargs)
+
+
+def benchmark_pipeline(*args, **kwargs) -> dict:
+    """Images/s of a backend on a JPEG folder; see `fastmoco.pipelines.benchmark`."""
+    from .benchmark import benchmark_pipeline as run
+
+    return run(*args, **kwargs)

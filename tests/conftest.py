@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Before torch loads OpenBLAS/OpenMP: on 2 cores their thread pools fight each other
+# (the Triton interpreter's tl.dot ran ~500x slower under load).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels are decorated at import: the interpreter must be chosen before
 # any test module imports them. Without a GPU there is no other way to run them.

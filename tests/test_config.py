@@ -54,3 +54,22 @@ def test_dotted_overrides_and_roundtrip(tmp_path):
         load_config(p, ["--optim.nope", "1"])
     with pytest.raises(ConfigError, match="missing value"):
         load_config(p, ["--optim.base_lr"])
+
+
+def test_shipped_configs_load_and_follow_the_recipe():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = {p.stem for p in root.glob("*.json")}
+    assert {"vit_s", "vit_b", "vit_l", "vit_h", "tiny", "demo"} <= names
+    for name in names:
+        load_config(root / f"{name}.json")
+    for name in ("vit_s", "vit_b", "vit_l", "vit_h"):
+        c = load_config(root / f"{name}.json")
+        assert (c.optim.name, c.optim.base_lr, c.optim.weight_decay) == ("adamw", 1.5e-4, 0.1)
+        assert (c.schedule.epochs, c.schedule.warmup_epochs) == (300, 40)
+        assert (c.moco.tau, c.moco.momentum, c.moco.momentum_cosine) == (0.2, 0.99, True)
+        assert c.model.frozen_patch_embed and c.deepspeed["train_batch_size"] == 4096
+        assert c.data.backend == "dali"
+    h = load_config(root / "vit_h.json")
+    assert h.model.arch == "vit_huge" and h.model.grad_checkpointing
+    assert h.deepspeed["zero_optimization"]["stage"] == 3 and h.deepspeed["bf16"]["enabled"] in (True, "auto")

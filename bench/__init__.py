@@ -1,0 +1,1 @@
+"""fastmoco's bench suite: `python bench/throughput.py` (see bench/RESULTS.md)."""

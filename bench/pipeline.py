@@ -1,0 +1,153 @@
+"""Data pipeline and end to end.
+
+- data: images/s of the two-crop loaders (`fastmoco.pipelines.benchmark_pipeline`)
+  on a JPEG folder: DALI (GPU decode and augmentation; its CPU twin without a GPU)
+  and the torchvision/PIL fallback. One image = its two augmented views, delivered
+  in the training dtype on the training device.
+- e2e: `fastmoco/train.py` run as a subprocess for a few dozen steps on a config
+  (default configs/vit_b.json) fed by the real DALI pipeline; the figure is the
+  median img/s of the logged intervals after the first (which holds start-up,
+  compilation and autotuning).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.timing import REPO
+
+DEFAULT_DATA_ROOT = REPO / "bench" / "results"  # git-ignored
+
+
+def _make_part(args) -> str:
+    from fastmoco.pipelines.demo_data import make_demo_data
+
+    out, n, seed = args
+    return str(make_demo_data(out, num_images=n, seed=seed))
+
+
+def demo_folder(num_images: int, root: Path = DEFAULT_DATA_ROOT, workers: int | None = None) -> Path:
+    """An ImageFolder of real photographs (skimage.data) at ImageNet-like sizes and JPEG quality
+    (`fastmoco.pipelines.demo_data`), made once per size and reused.
+
+    Made in parallel: each worker writes its own part with its own seed, and the parts'
+    files are then moved into one folder under names that keep them apart (on the GPU
+    box this turns ~20 s of single-core JPEG encoding into a few)."""
+    import shutil
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = root / f"demo_data_{num_images}"
+    marker = out / ".bench-complete"
+    if marker.is_file() and marker.read_text().strip() == str(num_images):
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    workers = max(1, min(workers or os.cpu_count() or 1, 8, num_images // 32 or 1))
+    sizes = [num_images // workers + (k < num_images % workers) for k in range(workers)]
+    parts = [(out / ".parts" / f"p{k}", n, k) for k, n in enumerate(sizes)]
+    if workers == 1:
+        done = [_make_part(parts[0])]
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            done = list(pool.map(_make_part, parts))
+    for k, part in enumerate(done):
+        for f in Path(part).glob("*/*.jpg"):
+            (out / f.parent.name).mkdir(parents=True, exist_ok=True)
+            f.rename(out / f.parent.name / f"p{k}_{f.name}")
+    shutil.rmtree(out / ".parts")
+    marker.write_text(str(num_images))
+    return out
+
+
+def bench_data(data_dir: Path, backends: list[str], *, batch: int, threads: int, num_batches: int, warmup: int,
+               image_size: int, device) -> list[dict]:
+    out = []
+    for backend in backends:
+        rec = {"section": "data", "name": backend, "build": str(device.type), "shape": f"b{batch} t{threads}"}
+        try:
+            from fastmoco.pipelines import benchmark_pipeline
+
+            r = benchmark_pipeline(str(data_dir), backend, batch_size=batch, num_threads=threads,
+                                   num_batches=num_batches, warmup=warmup, image_size=image_size, device=device)
+            ips = r["images_per_s"]
+            metrics = {"img_per_s": ips, "batches": r.get("batches"), "seconds": r.get("seconds"),
+                       "images_in_folder": r.get("samples_in_dataset"), "dtype": r.get("dtype")}
+            for k in ("gpu_ms_per_batch", "gpu_fraction"):
+                if k in r:
+                    metrics[k] = r[k]
+            out.append({**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": {"img_per_s": ips}})
+        except Exception as e:  # DALI absent, a pipeline being written: say so, go on
+            out.append({**rec, "status": "unavailable", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+    return out
+
+
+def read_intervals(metrics_path: Path) -> list[dict]:
+    """Logged intervals of a metrics.jsonl, one per step (a repeated step is a zero-length
+    closing flush), in order."""
+    rows, seen = [], set()
+    for line in metrics_path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "img_per_s" in r and "step" in r and r["step"] not in seen and r["img_per_s"] > 0:
+            seen.add(r["step"])
+            rows.append(r)
+    return rows
+
+
+def steady_img_per_s(intervals: list[dict]) -> float | None:
+    """Median img/s of the intervals after the first (start-up); the only one if there is one."""
+    if not intervals:
+        return None
+    rest = intervals[1:] or intervals
+    return statistics.median(r["img_per_s"] for r in rest)
+
+
+def bench_e2e(config: str, data_dir: Path | None, *, batch: int, steps: int, log_every: int, timeout_s: float,
+              extra: list[str], env_extra: dict | None = None) -> dict:
+    rec = {"section": "e2e", "name": Path(config).stem, "build": "train.py", "shape": f"b{batch}"}
+    train = REPO / "fastmoco" / "train.py"
+    if not train.is_file():
+        return {**rec, "status": "unavailable", "reason": "fastmoco/train.py does not exist yet"}
+    if not (REPO / config).is_file() and not Path(config).is_file():
+        return {**rec, "status": "unavailable", "reason": f"config {config} does not exist"}
+    with tempfile.TemporaryDirectory(prefix="fastmoco-e2e-") as tmp:
+        cmd = [sys.executable, str(train), "--config", config,
+               "--schedule.max_steps", str(steps), "--logging.out_dir", tmp,
+               "--logging.log_every", str(log_every), "--logging.check_finite_every", str(log_every),
+               "--logging.tensorboard", "false", "--logging.progress", "false",
+               "--checkpoint.every_steps", "0", "--checkpoint.every_epochs", "0",
+               # one process: the global batch is the micro batch
+               "--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch)]
+        if data_dir is not None:
+            cmd += ["--data.source", "folder", "--data.path", str(data_dir)]
+        cmd += extra
+        env = {**os.environ, **(env_extra or {})}
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {**rec, "status": "unavailable", "reason": f"train.py did not finish within {timeout_s:.0f} s",
+                    "command": " ".join(cmd)}
+        wall = time.perf_counter() - t0
+        metrics_path = Path(tmp) / "metrics.jsonl"
+        if p.returncode != 0 or not metrics_path.is_file():
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+            return {**rec, "status": "unavailable", "command": " ".join(cmd),
+                    "reason": f"train.py exited {p.returncode}: {tail[0][:300]}"}
+        intervals = read_intervals(metrics_path)
+    ips = steady_img_per_s(intervals)
+    if ips is None:
+        return {**rec, "status": "unavailable", "reason": "metrics.jsonl has no img_per_s line",
+                "command": " ".join(cmd)}
+    metrics = {"img_per_s": ips, "intervals_img_per_s": [r["img_per_s"] for r in intervals],
+               "steps": steps, "log_every": log_every, "wall_s": wall,
+               "last_loss": intervals[-1].get("loss")}
+    return {**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": {"img_per_s": ips},
+            "command": " ".join(cmd)}

@@ -1,0 +1,500 @@
+"""fastmoco's throughput bench: model step, kernels, data pipeline, end to end, in one run.
+
+    python bench/throughput.py                       # everything, on this device
+    python bench/throughput.py --only model,kernels --arch vit_b --batch 128 --steps 10
+    python bench/throughput.py --quick               # fewer archs, steps and shapes
+    python bench/throughput.py --smoke               # tiny shapes (automatic without CUDA): NOT a measurement
+    python bench/throughput.py --update              # measure, then store the figures as this device's reference
+    python bench/throughput.py --from RUN.jsonl [--update] [--markdown]   # check/store/print a saved run
+
+Prints one table per section and writes every result as a JSON line (with the
+device, versions, command, commit and date) to bench/results/ or --out. Then
+compares the run with bench/reference_timings.json for this device name and
+exits 1 naming every figure more than the tolerance below its reference.
+Sections: model (fastmoco fused vs fastmoco reference vs the official MoCo v3
+build, eager and torch.compile; see bench/model_step.py), kernels (each fused
+op vs its reference; bench/kernels.py), data and e2e (bench/pipeline.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the bench as the package it is
+    _here = Path(__file__).resolve().parent
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import torch  # noqa: E402
+
+from bench import reference  # noqa: E402
+from bench.timing import REPO, run_metadata  # noqa: E402
+
+SECTIONS = ("model", "kernels", "data", "e2e")
+ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
+FULL_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_huge")
+QUICK_ARCHS = ("vit_small", "vit_base")
+COMPILE_PRIORITY = ("vit_base", "vit_small", "vit_large", "vit_huge")  # the headline arch compiles first
+SMOKE_LABEL = "SMOKE (CPU): not a measurement"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections, comma-separated: {','.join(SECTIONS)}")
+    p.add_argument("--arch", default="", help="model archs, comma-separated (vit_s, vit_b, vit_l, vit_h or full names)")
+    p.add_argument("--builds", default="fused,reference,peer,peer_compile", help="model builds to run")
+    p.add_argument("--batch", type=int, default=0, help="model-step batch per GPU (default: per arch, fills 80 GiB)")
+    p.add_argument("--steps", type=int, default=0, help="timed steps per repeat (default: per arch)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats; the figure is their median (default 3)")
+    p.add_argument("--warmup", type=int, default=0, help="untimed warm-up steps, the first included (default 2)")
+    p.add_argument("--compile-budget", type=float, default=None,
+                   help="seconds the torch.compile peer may take in all (default 90; ViT-B compiles first; --quick 0)")
+    p.add_argument("--kernels", default="attention,layernorm,contrastive,ema", help="kernel entries to run")
+    p.add_argument("--data", default="", help="JPEG folder (ImageFolder layout) for data and e2e; "
+                                             "default: one made from skimage.data photographs")
+    p.add_argument("--data-images", type=int, default=0, help="size of the default folder (default 1024)")
+    p.add_argument("--e2e-config", default="configs/vit_b.json")
+    p.add_argument("--e2e-batch", type=int, default=0, help="micro batch of the e2e run (default 128)")
+    p.add_argument("--e2e-steps", type=int, default=0, help="steps of the e2e run (default 50)")
+    p.add_argument("--e2e-timeout", type=float, default=0, help="seconds before the e2e run is given up")
+    p.add_argument("--time-budget", type=float, default=0,
+                   help="seconds for the whole run: what would start past it is skipped, and said so (0: none)")
+    p.add_argument("--quick", action="store_true", help="ViT-S and ViT-B only, fewer steps and shapes, no compile")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (automatic without CUDA); not a measurement")
+    p.add_argument("--out", default="", help="folder for the JSON lines (default bench/results, or $OUT)")
+    p.add_argument("--reference", default=str(reference.DEFAULT_PATH), help="reference timings file")
+    p.add_argument("--tolerance", type=float, default=None, help="override the reference file's tolerance")
+    p.add_argument("--update", action="store_true", help="write this run's figures as this device's reference")
+    p.add_argument("--no-compare", action="store_true", help="do not check against the reference")
+    p.add_argument("--from", dest="from_run", default="", help="a saved run (JSON lines): check/update/print it, "
+                                                               "measure nothing")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for bench/RESULTS.md)")
+    args = p.parse_args(argv)
+    args.only = [s for s in args.only.split(",") if s]
+    bad = set(args.only) - set(SECTIONS)
+    if bad:
+        p.error(f"--only: unknown section(s) {', '.join(sorted(bad))} (known: {', '.join(SECTIONS)})")
+    return args
+
+
+# -- output --------------------------------------------------------------------------------------------
+
+def _fmt(v, spec: str = ".1f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 or i == len(cells) - 1 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _unavailable_rows(recs, ncols):
+    return [[r["name"], r.get("build", "-"), f"{r['status']}: {r.get('reason', '')}"] + [""] * (ncols - 3)
+            for r in recs if r["status"] != "ok"]
+
+
+def model_table(recs: list[dict], markdown: bool) -> str:
+    headers = ["arch", "build", "batch", "img/s", "step ms", "TFLOP/s", "MFU", "peak GiB", "spread", "notes"]
+    rows = []
+    for r in recs:
+        if r.get("build") == "ratio":
+            continue
+        if r["status"] != "ok":
+            rows.append([r["name"], r["build"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
+            continue
+        m = r["metrics"]
+        mfu = f"{m['mfu']:.1%}" if m.get("mfu") else "-"
+        spread = f"{m['spread']:.1%}" if m.get("spread") is not None else "-"
+        rows.append([r["name"], r["build"], str(r.get("batch", "-")), _fmt(m.get("img_per_s")), _fmt(m.get("step_ms")),
+                     _fmt(m.get("tflops")), mfu, _fmt(m.get("peak_gib")), spread, r.get("notes", "")])
+    out = [render(headers, rows, markdown)]
+    for r in recs:
+        if r.get("build") == "ratio":
+            parts = [f"{k.replace('_over_', ' / ')} = {v:.2f}x" for k, v in r["metrics"].items() if v]
+            if parts:
+                out.append(("\n" if markdown else "") + f"headline {r['name']}: " + "; ".join(parts))
+    return "\n".join(out)
+
+
+def kernels_table(recs: list[dict], markdown: bool) -> str:
+    headers = ["op", "pass", "shape", "kernel ms", "ref ms", "speedup", "kernel thru", "other"]
+    rows = []
+    for r in recs:
+        if r["status"] != "ok":
+            rows.append([r["name"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
+            continue
+        m = r["metrics"]
+        thru = "-"
+        for unit, label in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+            if f"kernel_{unit}" in m:
+                thru = f"{m[f'kernel_{unit}']:.4g} {label}"
+        other = []
+        if m.get("sdpa_ms"):
+            other.append(f"torch sdpa {m['sdpa_ms']:.3f} ms ({m['speedup_vs_sdpa']:.2f}x)")
+        if m.get("loop_ms"):
+            other.append(f"ref = multi-tensor; per-param loop {m['loop_ms']:.3f} ms ({m['speedup_vs_loop']:.1f}x)")
+        rows.append([r["name"], r.get("build", "-"), r.get("shape", "-"), _fmt(m.get("kernel_ms"), ".3f"),
+                     _fmt(m.get("ref_ms"), ".3f"), _fmt(m.get("speedup"), ".2f") + "x", thru, "; ".join(other)])
+    return render(headers, rows, markdown)
+
+
+def simple_table(recs: list[dict], markdown: bool, first: str) -> str:
+    headers = [first, "device", "batch", "img/s", "details"]
+    rows = []
+    for r in recs:
+        if r["status"] != "ok":
+            rows.append([r["name"], r.get("build", "-"), "-", "-", f"{r['status']}: {r.get('reason')}"])
+            continue
+        m = r["metrics"]
+        details = {k: v for k, v in m.items() if k != "img_per_s" and v is not None}
+        text = ", ".join(f"{k} {_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in details.items()
+                         if not isinstance(v, list))
+        rows.append([r["name"], r.get("build", "-"), str(r.get("batch", "-")), _fmt(m.get("img_per_s")), text])
+    return render(headers, rows, markdown)
+
+
+SECTION_TITLES = {
+    "model": "model step: synthetic input on the device, one GPU (fastmoco: bf16 autocast with fp32 params; "
+             "peer: the official MoCo v3 build, fp16 autocast + GradScaler)",
+    "kernels": "kernels: fused op vs its reference (<op>_ref), training dtype, median of repeats",
+    "data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
+    "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)",
+}
+
+
+def print_report(records: list[dict], meta: dict, markdown: bool) -> None:
+    smoke = meta.get("smoke")
+    if markdown:
+        print(f"### {meta['date'][:10]} {meta['device']['name']}, commit {meta['commit']}\n")
+        if smoke:
+            print(f"**{SMOKE_LABEL}**\n")
+        print(f"`{meta['command']}`; versions: "
+              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n")
+    for section in SECTIONS:
+        recs = [r for r in records if r["section"] == section]
+        if not recs:
+            continue
+        title = SECTION_TITLES[section] + (f"  [{SMOKE_LABEL}]" if smoke else "")
+        print(f"\n{'#### ' if markdown else '== '}{title}\n")
+        if section == "model":
+            print(model_table(recs, markdown))
+        elif section == "kernels":
+            print(kernels_table(recs, markdown))
+        else:
+            print(simple_table(recs, markdown, "backend" if section == "data" else "config"))
+    print()
+
+
+def header(meta: dict) -> str:
+    lines = [f"fastmoco bench  {meta['date']}  commit {meta['commit']}",
+             f"device: {meta['device']['name']}" + (f", {meta['device'].get('memory_gib')} GiB"
+                                                    if meta['device'].get('memory_gib') else ""),
+             "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+             f"command: {meta['command']}"]
+    if meta.get("smoke"):
+        lines.insert(0, f"*** {SMOKE_LABEL}: tiny shapes that keep the code working; no figure below is a "
+                        "measurement ***")
+    return "\n".join(lines)
+
+
+class Sink:
+    """Appends each record (with the run's metadata) to the run's JSON lines as it is made, so a run
+    cut short still leaves what it measured; prints one progress line per record."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta, self.records = path, meta, []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def emit(self, rec: dict) -> None:
+        rec = {**rec, "meta": self.meta}
+        self.records.append(rec)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        what = f"[{rec['section']}] {rec['name']} {rec.get('build', '')} {rec.get('shape', '')}".rstrip()
+        if rec["status"] != "ok":
+            print(f"{what}: {rec['status']}: {rec.get('reason')}", flush=True)
+        else:
+            m = rec.get("metrics", {})
+            key = next((k for k in ("img_per_s", "kernel_ms", "fused_over_peer") if k in m), None)
+            val = f"{key} {m[key]:.4g}" if key and m[key] is not None else ""
+            print(f"{what}: {val}" + (f"  ({SMOKE_LABEL})" if self.meta.get("smoke") else ""), flush=True)
+
+
+class Deadline:
+    """--time-budget: a run that must end inside one device call skips, and records as skipped,
+    whatever would start after the budget is spent, so its table and JSON lines stay whole."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.t0 = seconds, time.perf_counter()
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0) if self.seconds > 0 else float("inf")
+
+    def skipped(self, rec: dict) -> dict | None:
+        if self.left() > 0:
+            return None
+        return {**rec, "status": "skipped", "reason": f"--time-budget of {self.seconds:.0f} s spent"}
+
+
+# -- sections ------------------------------------------------------------------------------------------
+
+class ModelBench:
+    """The model-step section in two phases: the eager builds (fused, reference, peer) first; the
+    torch.compile peer last, after every other section, with what is left of the time (its
+    compilation alone takes a minute or more per arch, the headline ViT-B first)."""
+
+    COMPILE_MIN_S = 60  # a first compile is not started with less time than this left
+
+    def __init__(self, args, sink: Sink, device, smoke: bool, meta: dict, deadline: Deadline):
+        from bench import flops, model_step
+
+        self.args, self.sink, self.device, self.smoke, self.deadline = args, sink, device, smoke, deadline
+        self.model_step = model_step
+        self.builds = [b for b in args.builds.split(",") if b]
+        bad = set(self.builds) - set(model_step.BUILDS)
+        if bad:
+            raise SystemExit(f"--builds: unknown {', '.join(sorted(bad))} (known: {', '.join(model_step.BUILDS)})")
+        if smoke:
+            self.archs = ["vit_test"]
+            self.shape = dict(img=32, dim=32, mlp_dim=64)
+        else:
+            self.archs = [ARCH_ALIASES.get(a, a) for a in args.arch.split(",") if a] or list(
+                QUICK_ARCHS if args.quick else FULL_ARCHS)
+            self.shape = dict(img=224, dim=256, mlp_dim=4096)
+        self.peak = flops.peak_tflops(meta["device"]["name"]) if device.type == "cuda" else None
+        self.mem_scale = 1
+        if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= 120 * 2**30:
+            self.mem_scale = 2  # H200-class memory: the default batches double
+        self.warmup = args.warmup or (1 if smoke else 2)
+        self.repeats = args.repeats or (1 if smoke else 2 if args.quick else 3)
+        self.results: dict[tuple[str, str], dict] = {}
+
+    def run(self, arch: str, build: str) -> dict:
+        late = self.deadline.skipped({"section": "model", "name": arch, "build": build})
+        if late:
+            return late
+        a, ms = self.args, self.model_step
+        batch = a.batch or (2 if self.smoke else ms.DEFAULT_BATCH.get(arch, 64) * self.mem_scale)
+        steps = a.steps or (1 if self.smoke else max(2, ms.DEFAULT_STEPS.get(arch, 4) // (2 if a.quick else 1)))
+        return ms.bench_build(build, arch, batch=batch, device=self.device, amp=self.device.type == "cuda",
+                              smoke=self.smoke, warmup=self.warmup, steps=steps, repeats=self.repeats,
+                              peak_tflops=self.peak, **self.shape)
+
+    def _emit(self, arch: str, build: str, rec: dict) -> None:
+        self.results[arch, build] = rec
+        self.sink.emit(rec)
+
+    def eager(self) -> None:
+        for arch in self.archs:
+            for build in self.builds:
+                if build != "peer_compile":
+                    self._emit(arch, build, self.run(arch, build))
+
+    def compiled(self) -> None:
+        """The first compile runs if the budget allows one; a later one only if one more as long as
+        the longest so far still fits in the budget."""
+        if "peer_compile" not in self.builds:
+            return
+        a = self.args
+        budget = a.compile_budget if a.compile_budget is not None else (0 if a.quick else 90)
+        spent = longest = 0.0
+        order = [x for x in COMPILE_PRIORITY if x in self.archs] + [x for x in self.archs if x not in COMPILE_PRIORITY]
+        for arch in order:
+            left = min(budget - spent, self.deadline.left())
+            rec = {"section": "model", "name": arch, "build": "peer_compile", "status": "skipped"}
+            if self.smoke:
+                rec["reason"] = "smoke mode: torch.compile is not run on tiny CPU shapes"
+            elif budget <= 0:
+                rec["reason"] = "torch.compile not run: --compile-budget 0 (the --quick default)"
+            elif left < max(longest, self.COMPILE_MIN_S if not longest else 0):
+                rec["reason"] = (f"time: {left:.0f} s left of the torch.compile budget ({budget:.0f} s, "
+                                 f"--compile-budget) or of --time-budget; one takes about "
+                                 f"{max(longest, self.COMPILE_MIN_S):.0f} s")
+            else:
+                t0 = time.perf_counter()
+                rec = self.run(arch, "peer_compile")
+                took = time.perf_counter() - t0
+                spent, longest = spent + took, max(longest, took)
+            self._emit(arch, "peer_compile", rec)
+
+    def ratios(self) -> None:
+        for arch in self.archs:
+            fused = self.results.get((arch, "fused"), {})
+            if fused.get("status") != "ok":
+                continue
+            ratios = {}
+            for other in ("peer", "peer_compile", "reference"):
+                r = self.results.get((arch, other), {})
+                if r.get("status") == "ok":
+                    ratios[f"fused_over_{other}"] = fused["metrics"]["img_per_s"] / r["metrics"]["img_per_s"]
+            if ratios:
+                self.sink.emit({"section": "model", "name": arch, "build": "ratio", "status": "ok",
+                                "metrics": ratios})
+
+
+def run_kernels(args, sink: Sink, device, smoke: bool) -> None:
+    from bench import kernels
+
+    ops = [o for o in args.kernels.split(",") if o]
+    bad = set(ops) - set(kernels.ENTRIES)
+    if bad:
+        raise SystemExit(f"--kernels: unknown {', '.join(sorted(bad))} (known: {', '.join(kernels.ENTRIES)})")
+    for rec in kernels.bench_kernels(ops, device, smoke, args.quick):
+        sink.emit(rec)
+
+
+def _data_dir(args, smoke: bool) -> tuple[Path | None, str | None]:
+    if args.data:
+        return Path(args.data), None
+    n = args.data_images or (16 if smoke else 512 if args.quick else 1024)
+    try:
+        from bench import pipeline
+
+        return pipeline.demo_folder(n), None
+    except Exception as e:  # demo data being written: say so, go on
+        return None, f"no data folder: making the demo folder failed: {type(e).__name__}: {e}".splitlines()[0]
+
+
+def run_data(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: str | None) -> None:
+    from bench import pipeline
+
+    backends = ["dali", "torchvision"]
+    if data_dir is None:
+        for b in backends:
+            sink.emit({"section": "data", "name": b, "build": device.type, "status": "unavailable", "reason": why})
+        return
+    threads = 2 if smoke else min(16, os.cpu_count() or 1)
+    if smoke:
+        kw = dict(batch=4, threads=threads, num_batches=2, warmup=1, image_size=32)
+    else:
+        kw = dict(batch=256, threads=threads, num_batches=10 if args.quick else 20, warmup=4, image_size=224)
+    for rec in pipeline.bench_data(data_dir, backends, device=device, **kw):
+        sink.emit(rec)
+
+
+def run_e2e(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: str | None,
+            deadline: Deadline) -> None:
+    from bench import pipeline
+
+    if data_dir is None:
+        sink.emit({"section": "e2e", "name": Path(args.e2e_config).stem, "build": "train.py",
+                   "status": "unavailable", "reason": why})
+        return
+    if smoke:
+        extra = ["--model.arch", "vit_test", "--model.img_size", "32", "--data.image_size", "32",
+                 "--moco.dim", "32", "--moco.mlp_dim", "64", "--data.num_threads", "2"]
+        kw = dict(batch=args.e2e_batch or 4, steps=args.e2e_steps or 3, log_every=1,
+                  timeout_s=args.e2e_timeout or 60)
+    else:
+        extra = ["--data.num_threads", str(min(16, os.cpu_count() or 1))]
+        steps = args.e2e_steps or (30 if args.quick else 50)
+        kw = dict(batch=args.e2e_batch or 128, steps=steps, log_every=10, timeout_s=args.e2e_timeout or 240)
+    kw["timeout_s"] = max(30.0, min(kw["timeout_s"], deadline.left()))
+    sink.emit(pipeline.bench_e2e(args.e2e_config, data_dir, extra=extra, **kw))
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def load_run(path: Path) -> tuple[list[dict], dict]:
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not records:
+        raise SystemExit(f"{path}: no records")
+    return records, records[0]["meta"]
+
+
+def check(records: list[dict], meta: dict, args) -> int:
+    """Compare with (and with --update, store into) the reference file; the exit status."""
+    if meta.get("smoke"):
+        print(f"reference: {SMOKE_LABEL}; nothing compared" + ("; --update refused" if args.update else ""))
+        return 0
+    ref_path = Path(args.reference)
+    ref = reference.load(ref_path)
+    status = 0
+    if not args.no_compare:
+        cmp = reference.compare(records, meta["device"]["name"], ref, args.tolerance)
+        print(cmp.report())
+        status = 0 if cmp.ok else 1
+    if args.update:
+        ref, n = reference.update(records, meta, ref)
+        if args.tolerance is not None:
+            ref["tolerance"] = args.tolerance
+        reference.save(ref, ref_path)
+        print(f"reference: wrote {n} figures for {meta['device']['name']!r} to {ref_path}")
+        status = 0
+    return status
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_run:
+        records, meta = load_run(Path(args.from_run))
+        if not args.markdown:
+            print(header(meta))
+        print_report(records, meta, args.markdown)
+        return check(records, meta, args)
+
+    cuda = torch.cuda.is_available()
+    smoke = args.smoke or not cuda
+    if not cuda:
+        # The kernels run under the Triton interpreter; it must be chosen before any is decorated.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    meta = run_metadata(device, smoke, [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
+    out_dir = Path(args.out or os.environ.get("OUT") or REPO / "bench" / "results")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["device"]["name"]).strip("-")[:40]
+    stamp = meta["date"].replace(":", "").replace("+0000", "Z")
+    sink = Sink(out_dir / f"bench-{stamp}-{slug}{'-smoke' if smoke else ''}.jsonl", meta)
+    print(header(meta), flush=True)
+
+    t0 = time.perf_counter()
+    deadline = Deadline(args.time_budget)
+    data_dir, why = (None, None)
+    model = None
+    if "data" in args.only or "e2e" in args.only:
+        data_dir, why = _data_dir(args, smoke)
+    for section in args.only:
+        ts = time.perf_counter()
+        late = deadline.skipped({"section": section, "name": "(all)"})
+        if late:
+            sink.emit(late)
+            continue
+        if section == "model":
+            model = ModelBench(args, sink, device, smoke, meta, deadline)
+            model.eager()
+        elif section == "kernels":
+            run_kernels(args, sink, device, smoke)
+        elif section == "data":
+            run_data(args, sink, device, smoke, data_dir, why)
+        elif section == "e2e":
+            run_e2e(args, sink, device, smoke, data_dir, why, deadline)
+        print(f"[{section}] done in {time.perf_counter() - ts:.0f} s", flush=True)
+    if model is not None:  # the torch.compile peer last, with the time that is left
+        ts = time.perf_counter()
+        model.compiled()
+        model.ratios()
+        print(f"[model: torch.compile peer] done in {time.perf_counter() - ts:.0f} s", flush=True)
+
+    print_report(sink.records, meta, args.markdown)
+    print(f"results: {sink.path} ({len(sink.records)} records, {time.perf_counter() - t0:.0f} s)")
+    return check(sink.records, meta, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""What every two-crop loader shares: the interface, epoch order, sharding and resume state.
+
+A loader yields `(view1, view2, labels)` for the rest of the current epoch:
+views (B, 3, S, S) NCHW contiguous on the target device in the training dtype,
+normalised with ImageNet mean/std; labels int64 (B,). `set_epoch(e)` before
+each epoch; `state_dict()` / `load_state_dict()` give {"epoch", "step"}.
+
+Epoch order (`ShardPlan`): one global permutation of all samples per
+(seed, epoch), identical on every rank, cut into global batches of
+batch_size x num_shards; rank r takes the r-th block of batch_size of each.
+So step b of any number of ranks sees the same global batch as step b of one
+process with the whole batch (the training tests rely on it: 2 ranks give the
+1-process loss), the shards are disjoint, equal in length (ranks stay in
+lockstep) and together cover every sample once per epoch except the
+`num_samples % num_shards` dropped at the end. Training drops
+the last partial batch of each shard; evaluation (`train=False`) keeps the
+dataset order, gives shard r the samples r, r + num_shards, ... and keeps the
+last partial batch, so every sample is seen exactly once.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 31-bit seed that is a pure function of `parts` (numpy SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
+
+
+def augment_params(cfg) -> dict:
+    """The graph's parameters from a DataConfig (validated)."""
+    p = {k: getattr(cfg, k) for k in ("image_size", "crop_min", "jitter_prob", "brightness", "contrast",
+                                      "saturation", "hue", "grayscale_prob", "flip_prob")}
+    p["blur_prob"] = [float(v) for v in cfg.blur_prob]
+    p["solarize_prob"] = [float(v) for v in cfg.solarize_prob]
+    if len(p["blur_prob"]) != 2 or len(p["solarize_prob"]) != 2:
+        raise ValueError("data.blur_prob and data.solarize_prob need two values: [view1, view2]")
+    probs = [p["jitter_prob"], p["grayscale_prob"], p["flip_prob"], *p["blur_prob"], *p["solarize_prob"]]
+    if not all(0.0 <= v <= 1.0 for v in probs):
+        raise ValueError(f"data probabilities must lie in [0, 1], got {probs}")
+    if not 0.0 < p["crop_min"] <= 1.0:
+        raise ValueError(f"data.crop_min must lie in (0, 1], got {p['crop_min']}")
+    return p
+
+
+class ShardPlan:
+    """Which sample indices shard `shard_id` visits in each epoch, batch by batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shard_id: int = 0, num_shards: int = 1,
+                 seed: int = 0, train: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} out of range for num_shards {num_shards}")
+        self.num_samples = int(num_samples)
+        self.batch_size = int(batch_size)
+        self.shard_id = int(shard_id)
+        self.num_shards = int(num_shards)
+        self.seed = int(seed)
+        self.train = bool(train)
+        if train:
+            self.per_shard = self.num_samples // self.num_shards
+            self.num_batches = self.per_shard // self.batch_size
+        else:
+            self.per_shard = len(range(self.shard_id, self.num_samples, self.num_shards))
+            self.num_batches = -(-self.per_shard // self.batch_size)
+        if train and self.num_batches == 0:
+            raise ValueError(
+                f"{self.num_samples} samples over {self.num_shards} shard(s) give no full batch of "
+                f"{self.batch_size}: use a smaller batch or more data")
+
+    def shard_indices(self, epoch: int) -> np.ndarray:
+        """(per_shard,) int64 sample indices of this shard for `epoch`, in visiting order."""
+        if not self.train:
+            return np.arange(self.shard_id, self.num_samples, self.num_shards, dtype=np.int64)
+        perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_samples).astype(np.int64)
+        b, k, r = self.batch_size, self.num_shards, self.shard_id
+        full = self.num_batches * b * k
+        blocks = perm[:full].reshape(self.num_batches, k, b)[:, r].reshape(-1)  # global batches, r-th block
+        rest = self.per_shard - self.num_batches * b  # the partial batch training drops
+        tail = perm[full + r * rest: full + (r + 1) * rest]
+        return np.concatenate([blocks, tail])
+
+    def epoch_indices(self, epoch: int, start_step: int = 0) -> np.ndarray:
+        """Indices still to visit in `epoch` from batch `start_step` (whole batches when training)."""
+        idx = self.shard_indices(epoch)
+        end = self.num_batches * self.batch_size if self.train else len(idx)
+        return idx[start_step * self.batch_size:end]
+
+
+class TwoCropLoader(abc.ABC):
+    """Interface of the DALI, torchvision and synthetic two-crop loaders."""
+
+    def __init__(self, plan: ShardPlan, device: torch.device | str, dtype: torch.dtype):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.epoch = 0
+        self.step = 0   # batches already yielded in `self.epoch`
+
+    # -- the interface ---------------------------------------------------------
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_samples(self) -> int:
+        return self.plan.num_samples
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        step = int(sd["step"])
+        if not 0 <= step <= len(self):
+            raise ValueError(f"step {step} out of range for an epoch of {len(self)} batches")
+        self.epoch, self.step = int(sd["epoch"]), step
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for v1, v2, labels in self._iter_batches():
+            self.step += 1
+            yield v1, v2, labels
+
+    # -- what a backend provides -----------------------------------------------
+    @abc.abstractmethod
+    def _iter_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches `self.step`, `self.step + 1`, ... of `self.epoch` (the caller counts steps)."""
+
+    def _batch_sizes(self) -> list[int]:
+        """Sizes of the batches still to come this epoch (only the last may be partial)."""
+        n = len(self.plan.epoch_indices(self.epoch, self.step))
+        b = self.batch_size
+        return [min(b, n - i) for i in range(0, n, b)]

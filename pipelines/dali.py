@@ -1,0 +1,297 @@
+"""MoCo v3 two-crop augmentation as one NVIDIA DALI graph, run on the GPU or the CPU.
+
+`two_crop_pipeline(..., device="gpu")` decodes each JPEG once with nvJPEG
+(`device="mixed"`, hardware decoder for `hw_decoder_load` of the batch where
+the GPU has one) and runs every augmentation on the GPU; `device="cpu"` builds
+the same graph on the CPU (`device_id=None`) so CI tests the graph that trains.
+
+Per view, in MoCo v3's order (torchvision reference: moco-v3 main_moco.py):
+
+    RandomResizedCrop(S, scale=(crop_min, 1), ratio=(3/4, 4/3))
+    RandomApply(ColorJitter(b, c, s, h), p=jitter_prob)
+    RandomGrayscale(p=grayscale_prob)
+    RandomApply(GaussianBlur(sigma in [0.1, 2.0]), p=blur_prob[view])
+    RandomApply(Solarize(threshold 128), p=solarize_prob[view])
+    RandomHorizontalFlip(p=flip_prob), ToTensor, Normalize(ImageNet)
+
+How each maps to DALI, and where it differs from torchvision/PIL:
+
+- Crop: `random_crop_generator` (area U(crop_min, 1), log-uniform aspect, 10
+  attempts, like torchvision) on the shape read from the JPEG header, then
+  `resize` of that window (linear, antialiased). torchvision's fallback after
+  10 failed attempts is a centre crop with clamped ratio; DALI's fallback
+  window may differ. Interpolation: PIL's bilinear filter vs DALI's
+  antialiased linear: the same idea, not the same pixels.
+- ColorJitter: brightness b*x, contrast c*x + (1-c)*mean(gray) (the mean
+  luma of the crop, as torchvision), saturation and hue through `hsv`.
+  Differences: (1) torchvision applies the four in a random order and clamps
+  to [0, 255] after each; here saturation/hue come first and brightness and
+  contrast are one affine step with a single clamp at the end. The four are
+  affine maps in YIQ space and saturation/hue keep the luma, so without
+  clamping every order gives the same image; only pixels that torchvision
+  clips in between differ. (2) DALI's hue is a rotation in YIQ space (hsv's
+  documented linear approximation), torchvision's a shift of the HSV hue: the
+  same range (+-hue of a turn), slightly different colours.
+- Grayscale: luma 0.299 R + 0.587 G + 0.114 B on the jittered image, copied to
+  the three channels (exactly R == G == B), as torchvision.
+- Blur: DALI's true Gaussian (window 2*ceil(3 sigma)+1) with sigma ~ U(0.1, 2);
+  the official recipe uses PIL's GaussianBlur(radius=sigma), a 3-pass box
+  approximation of the same Gaussian.
+- Solarize: x >= 128 -> 255 - x (PIL's ImageOps.solarize), written as
+  arithmetic because DALI has no solarize op; images stay uint8 between steps
+  as in the PIL pipeline.
+- Flip + Normalize + HWC->CHW + float: one `crop_mirror_normalize`. The flip
+  is moved after blur/solarize, which is exact: both commute with a mirror.
+- Probabilities are applied by per-sample coins that mix the op's result with
+  its input (no batch splitting); an op whose probability is 0 is left out of
+  the graph, one with probability 1 gets no coin.
+
+Evaluation (`train=False`): resize shorter side to S/0.875, centre crop S,
+normalise; both views are that same image.
+
+Seeding and resume (`DaliTwoCropLoader`): the loader gives the reader the
+exact file sequence of this shard from the saved (epoch, step) on, so a
+resumed run reads the same files in the same batches. DALI's random ops are
+seeded with `mix_seed(seed, epoch, step)` at that point: the same (seed,
+epoch, step) always gives the same augmentations, but a run resumed at step k
+draws different augmentations from the uninterrupted run after step k.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    HAS_DALI = True
+except ImportError:  # the torchvision fallback takes over (see build_loader)
+    HAS_DALI = False
+
+LUMA = (0.299, 0.587, 0.114)      # ITU-R 601-2, as PIL's convert("L") and torchvision
+BLUR_SIGMA = (0.1, 2.0)           # MoCo v3 / SimCLR GaussianBlur range
+SOLARIZE_THRESHOLD = 128
+EVAL_CROP_FRACTION = 0.875        # resize 256 -> crop 224
+# nvJPEG scratch sizes from NVIDIA's ImageNet examples: allocate once, not per batch.
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
+
+DEBUG_KEYS = ("image_shape", "crop_anchor", "crop_shape", "jitter", "gray", "blur", "sigma",
+              "solarize", "flip", "pre_flip")
+
+
+def _coin(p: float, dtype=None):
+    """Per-sample Bernoulli(p) scalar; float32 unless `dtype` (coin_flip draws ints only)."""
+    if dtype is not None:
+        return fn.random.coin_flip(probability=float(p), dtype=dtype)
+    return fn.cast(fn.random.coin_flip(probability=float(p), dtype=types.UINT8), dtype=types.FLOAT)
+
+
+def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
+    """One augmented view: (CHW float normalised, debug outputs or [])."""
+    size = p["image_size"]
+    anchor, crop = fn.random_crop_generator(image_shape, random_area=[p["crop_min"], 1.0],
+                                            random_aspect_ratio=[3 / 4, 4 / 3])
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    color = p["jitter_prob"] > 0 or p["grayscale_prob"] > 0
+    x = fn.resize(image, size=[size, size], roi_start=start, roi_end=start + fn.cast(crop, dtype=types.FLOAT),
+                  roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR,
+                  dtype=types.FLOAT if color else types.UINT8)   # (S, S, 3) HWC
+
+    zero = fn.constant(fdata=0.0)
+    jitter = gray = blur = sigma = solarize = zero
+    if p["jitter_prob"] > 0:
+        jitter = _coin(p["jitter_prob"])
+
+        def factor(strength):  # torchvision: U(max(0, 1 - s), 1 + s), or 1 when not jittered
+            u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+            return 1.0 + jitter * (u - 1.0)
+
+        b, c, s = factor(p["brightness"]), factor(p["contrast"]), factor(p["saturation"])
+        hue_deg = jitter * fn.random.uniform(range=[-p["hue"], p["hue"]]) * 360.0
+        # mean luma of the crop: torchvision's contrast centre (sat/hue keep the luma)
+        channel_mean = fn.reductions.mean(x, axes=[0, 1])                       # (3,)
+        luma_mean = fn.reductions.sum(channel_mean * to_dev(fn.constant(fdata=list(LUMA))))  # ()
+        x = fn.hsv(x, hue=hue_deg, saturation=s, dtype=types.FLOAT)
+        x = dmath.clamp(to_dev(b * c) * x + to_dev(b * (1.0 - c)) * luma_mean, 0.0, 255.0)
+    if p["grayscale_prob"] > 0:
+        gray = _coin(p["grayscale_prob"])
+        g = to_dev(gray)
+        luma = fn.reductions.sum(x * to_dev(fn.constant(fdata=list(LUMA))), axes=[2], keep_dims=True)  # (S, S, 1)
+        x = x * (1.0 - g) + luma * g        # g in {0, 1}: either term is exactly zero
+    if color:
+        x = fn.cast(x, dtype=types.UINT8)
+
+    p_blur = p["blur_prob"][view]
+    if p_blur > 0:
+        sigma = fn.random.uniform(range=list(BLUR_SIGMA))
+        blurred = fn.gaussian_blur(x, sigma=sigma)
+        if p_blur < 1:
+            blur = _coin(p_blur, types.UINT8)
+            k = to_dev(blur)
+            x = fn.cast(blurred * k + x * (1 - k), dtype=types.UINT8)
+        else:
+            blur = fn.constant(fdata=1.0)
+            x = blurred
+    p_sol = p["solarize_prob"][view]
+    if p_sol > 0:
+        solarize = _coin(p_sol, types.UINT8)
+        xs = fn.cast(x, dtype=types.INT16)
+        flip_mask = (xs >= SOLARIZE_THRESHOLD) * to_dev(solarize)
+        x = fn.cast(xs + flip_mask * (255 - 2 * xs), dtype=types.UINT8)
+
+    flip = _coin(p["flip_prob"], types.INT32) if p["flip_prob"] > 0 else fn.constant(idata=0)
+    out = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=flip,
+                                   mean=[255.0 * m for m in IMAGENET_MEAN],
+                                   std=[255.0 * s for s in IMAGENET_STD])
+    dbg = []
+    if debug:
+        dbg = [image_shape, anchor, crop, jitter, gray, blur, sigma, solarize, flip, x]
+    return out, dbg
+
+
+if HAS_DALI:
+    @pipeline_def(enable_conditionals=False)
+    def two_crop_pipeline(files: list, labels: list, *, device: str, aug: dict, train: bool = True,
+                          pad_last_batch: bool = False, hw_decoder_load: float = 0.65, debug: bool = False):
+        """The two-crop graph. `device`: "gpu" (mixed decode, GPU ops) or "cpu".
+
+        Outputs: view1, view2 (B, 3, S, S) float32 normalised; labels (B, 1)
+        int32; with `debug`, per view the `DEBUG_KEYS` values (view 1's then
+        view 2's; `pre_flip` is the uint8 HWC image before flip/normalise).
+        """
+        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                         pad_last_batch=pad_last_batch, name="reader")
+        gpu = device == "gpu"
+        if gpu:
+            image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
+                                      hw_decoder_load=hw_decoder_load,
+                                      device_memory_padding=DEVICE_MEMORY_PADDING,
+                                      host_memory_padding=HOST_MEMORY_PADDING)
+            label = label.gpu()
+        else:
+            image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
+
+        def to_dev(t):  # per-sample scalars are drawn on the CPU; GPU arithmetic wants them there
+            return t.gpu() if gpu else t
+
+        size = aug["image_size"]
+        if not train:
+            short = int(round(size / EVAL_CROP_FRACTION))
+            x = fn.resize(image, resize_shorter=short, antialias=True, interp_type=types.INTERP_LINEAR)
+            view = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
+                                            mean=[255.0 * m for m in IMAGENET_MEAN],
+                                            std=[255.0 * s for s in IMAGENET_STD])
+            return view, view, label
+        image_shape = fn.peek_image_shape(encoded)   # (H, W, C) from the header, on the CPU
+        v1, dbg1 = _view(image, image_shape, 0, aug, to_dev, debug)
+        v2, dbg2 = _view(image, image_shape, 1, aug, to_dev, debug)
+        return (v1, v2, label, *dbg1, *dbg2)
+
+
+class DaliTwoCropLoader(TwoCropLoader):
+    """DALI-backed `TwoCropLoader` over a list of (path, label) samples.
+
+    On a CUDA `device` the graph runs on that GPU and the views reach torch
+    through DLPack without a host round trip, then are cast to `dtype` in one
+    step; on the CPU it is the CPU twin. With `debug=True`, `last_debug`
+    holds the debug outputs of the latest batch (numpy, per view).
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], cfg, *, batch_size: int, shard_id: int = 0,
+                 num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 train: bool = True, debug: bool = False, hw_decoder_load: float = 0.65,
+                 prefetch_queue_depth: int = 2):
+        if not HAS_DALI:
+            raise ImportError("nvidia-dali is not installed")
+        plan = ShardPlan(len(samples), batch_size, shard_id=shard_id, num_shards=num_shards,
+                         seed=cfg.seed, train=train)
+        super().__init__(plan, device, dtype)
+        self.files = [s[0] for s in samples]
+        self.labels = np.asarray([s[1] for s in samples], dtype=np.int32)
+        self.cfg = cfg
+        self.aug = augment_params(cfg)
+        self.train = train
+        self.debug = debug
+        self.hw_decoder_load = hw_decoder_load
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.last_debug: dict | None = None
+        self._pipe = None
+        self._pipe_next: tuple[int, int] | None = None   # (epoch, step) the pipeline yields next
+
+    def _build(self):
+        idx = self.plan.epoch_indices(self.epoch, self.step)
+        self._pipe, self._pipe_next = None, None
+        if len(idx) == 0:
+            return
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if gpu else None
+        pipe = two_crop_pipeline(
+            files=[self.files[i] for i in idx], labels=self.labels[idx].tolist(),
+            device="gpu" if gpu else "cpu", aug=self.aug, train=self.train,
+            pad_last_batch=not self.train, hw_decoder_load=self.hw_decoder_load, debug=self.debug,
+            batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=device_id,
+            seed=mix_seed(self.cfg.seed, self.epoch, self.step), prefetch_queue_depth=self.prefetch_queue_depth)
+        pipe.build()
+        self._pipe, self._pipe_next = pipe, (self.epoch, self.step)
+
+    def _to_torch(self, out, n: int) -> torch.Tensor:
+        """A DALI batch output as a torch tensor on self.device, first `n` samples."""
+        if self.device.type == "cuda":
+            tensor = out.as_tensor()
+            if self._pipe.exec_dynamic:
+                # The dynamic executor hands out buffers it no longer touches; DLPack
+                # makes torch's stream wait for DALI's. No copy.
+                with torch.cuda.device(self.device):
+                    t = torch.from_dlpack(tensor)
+            else:
+                from nvidia.dali.plugin.pytorch import feed_ndarray
+                t = torch.empty(tensor.shape(), dtype=torch.float32 if out.dtype == types.FLOAT else torch.int32,
+                                device=self.device)
+                feed_ndarray(tensor, t, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            t = torch.from_numpy(np.array(out.as_array()))   # own copy: DALI reuses its buffers
+        return t[:n]
+
+    def _iter_batches(self):
+        if self._pipe_next != (self.epoch, self.step):
+            self._build()
+        for n in self._batch_sizes():
+            outs = self._pipe.run()
+            # ONE fused cast per view (float32 -> bf16 on the GPU); labels to int64.
+            v1 = self._to_torch(outs[0], n).to(self.dtype, memory_format=torch.contiguous_format)
+            v2 = self._to_torch(outs[1], n).to(self.dtype, memory_format=torch.contiguous_format)
+            labels = self._to_torch(outs[2], n).reshape(-1).to(torch.int64)
+            if self.debug:
+                self.last_debug = self._debug_outputs(outs[3:], n)
+            self._pipe_next = (self.epoch, self.step + 1)
+            yield v1, v2, labels
+
+    @staticmethod
+    def _debug_outputs(outs, n) -> dict:
+        res = {}
+        for view in (1, 2):
+            part = outs[(view - 1) * len(DEBUG_KEYS):view * len(DEBUG_KEYS)]
+            for key, out in zip(DEBUG_KEYS, part):
+                cpu = out.as_cpu() if hasattr(out, "as_cpu") else out
+                if key == "pre_flip":
+                    arr = np.stack([np.asarray(cpu[i]) for i in range(n)])
+                else:
+                    arr = np.stack([np.asarray(cpu[i]).reshape(-1) for i in range(n)])
+                    if arr.shape[1] == 1:
+                        arr = arr[:, 0]
+                res[f"{key}{view}"] = arr
+        return res
+
+
+def check_dali_available() -> bool:
+    if not HAS_DALI:
+        warnings.warn("nvidia-dali is not installed: falling back to the torchvision loader", stacklevel=2)
+    return HAS_DALI

@@ -1,0 +1,164 @@
+"""The torchvision/PIL fallback: MoCo v3's official augmentations with the same interface.
+
+The transforms follow moco-v3's main_moco.py (PIL images throughout):
+RandomResizedCrop (bilinear), RandomApply(ColorJitter) with the four
+adjustments in random order, RandomGrayscale, RandomApply(PIL
+GaussianBlur(radius=sigma)), RandomApply(ImageOps.solarize(128)),
+RandomHorizontalFlip, ToTensor, Normalize.
+
+Unlike torchvision's transforms, every random draw comes from a
+`torch.Generator` seeded with mix_seed(seed, epoch, sample index, view), so a
+sample's views are a pure function of (seed, epoch, index): a resumed run
+yields bit-identical batches to the uninterrupted one, whatever the number
+of workers.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.utils.data
+from PIL import Image, ImageFilter, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
+EVAL_CROP_FRACTION = 0.875
+
+
+def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def _coin(g: torch.Generator, p: float) -> bool:
+    return float(torch.rand((), generator=g)) < p
+
+
+def crop_window(height: int, width: int, scale: tuple[float, float], g: torch.Generator,
+                ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params, drawing from `g`: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * _uniform(g, scale[0], scale[1])
+        aspect = math.exp(_uniform(g, *log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=g))
+            left = int(torch.randint(0, width - w + 1, (), generator=g))
+            return top, left, h, w
+    in_ratio = width / height   # fallback: centre crop with the ratio clamped
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment(img: Image.Image, aug: dict, view: int, g: torch.Generator) -> torch.Tensor:
+    """One MoCo v3 view of a PIL RGB image: (3, S, S) float32, normalised."""
+    size = aug["image_size"]
+    top, left, h, w = crop_window(img.height, img.width, (aug["crop_min"], 1.0), g)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR)
+    if _coin(g, aug["jitter_prob"]):
+        b = _uniform(g, max(0.0, 1 - aug["brightness"]), 1 + aug["brightness"])
+        c = _uniform(g, max(0.0, 1 - aug["contrast"]), 1 + aug["contrast"])
+        s = _uniform(g, max(0.0, 1 - aug["saturation"]), 1 + aug["saturation"])
+        hue = _uniform(g, -aug["hue"], aug["hue"])
+        for op in torch.randperm(4, generator=g).tolist():   # torchvision's random order
+            if op == 0:
+                img = TF.adjust_brightness(img, b)
+            elif op == 1:
+                img = TF.adjust_contrast(img, c)
+            elif op == 2:
+                img = TF.adjust_saturation(img, s)
+            else:
+                img = TF.adjust_hue(img, hue)
+    if _coin(g, aug["grayscale_prob"]):
+        img = TF.to_grayscale(img, num_output_channels=3)
+    if _coin(g, aug["blur_prob"][view]):
+        img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(g, *BLUR_SIGMA)))
+    if _coin(g, aug["solarize_prob"][view]):
+        img = ImageOps.solarize(img, SOLARIZE_THRESHOLD)
+    if _coin(g, aug["flip_prob"]):
+        img = TF.hflip(img)
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+    img = TF.resize(img, int(round(size / EVAL_CROP_FRACTION)), InterpolationMode.BILINEAR)
+    img = TF.center_crop(img, [size, size])
+    return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class TwoCropDataset(torch.utils.data.Dataset):
+    """Item (epoch, index) -> (view1, view2, label); the epoch travels with the index
+    so that (persistent) workers need no state."""
+
+    def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True):
+        self.samples, self.aug, self.seed, self.train = samples, aug, seed, train
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        path, label = self.samples[index]
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+        if not self.train:
+            v = eval_view(img, self.aug["image_size"])
+            return v, v, label
+        views = []
+        for view in (0, 1):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, view))
+            views.append(augment(img, self.aug, view, g))
+        return views[0], views[1], label
+
+
+class _BatchSampler:
+    """Batches of (epoch, index) for the loader's current epoch and step."""
+
+    def __init__(self, loader: TorchvisionTwoCropLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        ld = self.loader
+        idx = ld.plan.epoch_indices(ld.epoch, ld.step).tolist()
+        b = ld.batch_size
+        for i in range(0, len(idx), b):
+            yield [(ld.epoch, j) for j in idx[i:i + b]]
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class TorchvisionTwoCropLoader(TwoCropLoader):
+    """`TwoCropLoader` on a torch DataLoader with `num_workers` worker processes."""
+
+    def __init__(self, samples: list[tuple[str, int]], cfg, *, batch_size: int, shard_id: int = 0,
+                 num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 train: bool = True, num_workers: int | None = None):
+        plan = ShardPlan(len(samples), batch_size, shard_id=shard_id, num_shards=num_shards,
+                         seed=cfg.seed, train=train)
+        super().__init__(plan, device, dtype)
+        workers = cfg.num_threads if num_workers is None else num_workers
+        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train)
+        pin = self.device.type == "cuda"
+        # Workers are forked per iteration (cheap next to an epoch): persistent ones
+        # were seen to stall interpreter shutdown / garbage collection for 5 s each.
+        self.dataloader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_BatchSampler(self), num_workers=workers, pin_memory=pin,
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+
+    def _iter_batches(self):
+        for v1, v2, labels in self.dataloader:
+            yield (v1.to(self.device, self.dtype, non_blocking=True),
+                   v2.to(self.device, self.dtype, non_blocking=True),
+                   labels.to(self.device, torch.int64, non_blocking=True))

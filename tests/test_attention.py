@@ -1,0 +1,172 @@
+"""Fused attention vs `attention_ref`: forward and the gradient w.r.t. qkv.
+
+Three-way (flash-attention's practice): kernel vs the fp32 reference vs the
+same-dtype PyTorch result, err_kernel <= 2 * err_torch + atol. Small
+non-power-of-two shapes under the Triton interpreter on the CPU; full ViT
+shapes in bf16 on the GPU (`pytest -m gpu tests/test_attention.py`).
+"""
+import contextlib
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+from fastmoco.kernels.attention import attention, attention_bwd, attention_fwd, attention_ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 on the GPU runs tl.dot in TF32 (10-bit mantissa), and so does the same-dtype
+# PyTorch run there (see `same_dtype_torch`); a looser floor too.
+FP32_ATOL = 1e-3 if DEVICE == "cuda" else 1e-4
+EXACT_ATOL = 2e-2 if DEVICE == "cuda" else 1e-4  # two-way checks of fp32 kernel output vs exact fp32
+BF16_ATOL = 1e-2
+
+# (B, N, H, D): D = 24 is the CPU tiny ViT (embed 72, 3 heads); 80 is ViT-H/14 (a 128-wide masked block).
+CPU_SHAPES = [(1, 17, 3, 24), (3, 50, 3, 24), (2, 50, 2, 64), (1, 37, 2, 80)]
+GPU_SHAPES = [
+    (1, 197, 12, 64),  # ViT-B/16, batch 1
+    (7, 197, 6, 64),  # ViT-S/16, odd batch
+    (5, 50, 12, 64),  # ViT-B/32
+    (3, 257, 16, 80),  # ViT-H/14
+    (2, 257, 16, 64),  # ViT-L/14
+    (256, 197, 12, 64),  # the ViT-B bench shape
+    (64, 257, 16, 80),  # the ViT-H bench shape
+    (1024, 50, 6, 64),  # large batch: B*H programs on grid axis 0
+]
+CASES = (
+    [pytest.param(shape, torch.float32, FP32_ATOL, id=f"{shape}-fp32") for shape in CPU_SHAPES]
+    + [pytest.param(shape, torch.bfloat16, BF16_ATOL, id=f"{shape}-bf16") for shape in CPU_SHAPES]
+    + [pytest.param(shape, torch.bfloat16, BF16_ATOL, id=f"{shape}-bf16-gpu", marks=pytest.mark.gpu)
+       for shape in GPU_SHAPES]
+)
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """torch.empty returns NaN-filled float tensors: an element a kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    with mock.patch.object(torch, "empty", empty):
+        yield
+
+
+@contextlib.contextmanager
+def same_dtype_torch(dtype):
+    """The same-dtype PyTorch run: fp32 matmuls on the GPU in TF32, like the kernel's tl.dot."""
+    if DEVICE != "cuda" or dtype != torch.float32:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def run(fn, qkv, dout, num_heads, poison=False):
+    """Forward and backward of fn on a fresh leaf; returns (out, dqkv)."""
+    leaf = qkv.detach().clone().requires_grad_()
+    with poisoned_empty() if poison else contextlib.nullcontext():
+        out = fn(leaf, num_heads)
+        out.backward(dout)
+    return out.detach(), leaf.grad
+
+
+def assert_three_way(name, got, ref, same, atol):
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: NaN or inf (an unwritten element?)"
+    err_kernel = (got.float() - ref).abs().max().item()
+    err_torch = (same.float() - ref).abs().max().item()
+    assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}"
+
+
+def inputs(shape, dtype, scale=1.0, seed=0):
+    B, N, H, D = shape
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    qkv = (torch.randn(B, N, 3 * H * D, generator=g, device=DEVICE) * scale).to(dtype)
+    dout = torch.randn(B, N, H * D, generator=g, device=DEVICE).to(dtype)
+    return qkv, dout
+
+
+def check(qkv, dout, H, atol, poison=True):
+    out, dqkv = run(attention, qkv, dout, H, poison=poison)
+    out_ref, dqkv_ref = run(attention_ref, qkv.float(), dout.float(), H)
+    with same_dtype_torch(qkv.dtype):
+        out_torch, dqkv_torch = run(attention_ref, qkv, dout, H)
+    assert out.dtype == qkv.dtype and dqkv.dtype == qkv.dtype
+    assert_three_way("out", out, out_ref, out_torch, atol)
+    assert_three_way("dqkv", dqkv, dqkv_ref, dqkv_torch, atol)
+    # q, k and v parts separately: a wrong part cannot hide behind a larger one.
+    for i, part in enumerate("qkv"):
+        chunk = lambda t: t.unflatten(-1, (3, -1))[:, :, i]  # noqa: E731
+        assert_three_way(f"d{part}", chunk(dqkv), chunk(dqkv_ref), chunk(dqkv_torch), atol)
+
+
+@pytest.mark.parametrize("shape,dtype,atol", CASES)
+def test_attention_matches_reference(shape, dtype, atol):
+    qkv, dout = inputs(shape, dtype)
+    check(qkv, dout, shape[2], atol)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, FP32_ATOL), (torch.bfloat16, BF16_ATOL)])
+def test_attention_large_scores(dtype, atol):
+    """Peaked softmax (scores of tens): the online max and the saved log-sum-exp must hold."""
+    shape = (2, 50, 2, 24)
+    qkv, dout = inputs(shape, dtype, scale=4.0, seed=1)
+    check(qkv, dout, shape[2], atol * 4)
+
+
+def test_attention_strided_qkv_view():
+    """qkv as a non-contiguous view (row stride > 3*H*D): read through its strides, no copy."""
+    B, N, H, D = 3, 17, 3, 24
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    base = torch.randn(B, N, 3 * H * D + 40, generator=g, device=DEVICE, requires_grad=True)
+    dout = torch.randn(B, N, H * D, generator=g, device=DEVICE)
+    qkv = base[:, :, 8:8 + 3 * H * D]
+    assert not qkv.is_contiguous()
+    out = attention(qkv, H)
+    out.backward(dout)
+    out_ref, dqkv_ref = run(attention_ref, qkv.contiguous(), dout, H)
+    torch.testing.assert_close(out, out_ref, atol=EXACT_ATOL, rtol=0)
+    torch.testing.assert_close(base.grad[:, :, 8:8 + 3 * H * D], dqkv_ref, atol=EXACT_ATOL, rtol=0)
+    assert (base.grad[:, :, :8] == 0).all() and (base.grad[:, :, 8 + 3 * H * D:] == 0).all()
+
+
+def test_attention_saved_log_sum_exp():
+    """The forward's saved statistic is log2 of sum(exp(scores)), per (batch*head, query), in fp32."""
+    B, N, H, D = 2, 50, 3, 24
+    qkv, _ = inputs((B, N, H, D), torch.float32, seed=3)
+    with poisoned_empty():
+        out, lse = attention_fwd(qkv, H)
+    q, k, _ = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+    expected = torch.logsumexp(scores, dim=-1).reshape(B * H, N) / math.log(2)
+    assert lse.dtype == torch.float32 and lse.shape == (B * H, N)
+    torch.testing.assert_close(lse, expected, atol=EXACT_ATOL, rtol=0)
+
+
+def test_attention_launchers_match_autograd():
+    """attention_fwd / attention_bwd (what the benches may call) give what the autograd op gives."""
+    shape = (1, 17, 3, 24)
+    qkv, dout = inputs(shape, torch.float32, seed=4)
+    out, dqkv = run(attention, qkv, dout, shape[2])
+    out2, lse = attention_fwd(qkv, shape[2])
+    dqkv2 = attention_bwd(dout, qkv, out2, lse, shape[2])
+    assert torch.equal(out, out2) and torch.equal(dqkv, dqkv2)
+    assert dqkv2.shape == qkv.shape and dqkv2.is_contiguous()
+
+
+def test_attention_expanded_output_gradient():
+    """out.sum().backward() hands the kernel a stride-0 gradient: read through its strides."""
+    shape = (2, 17, 3, 24)
+    qkv, _ = inputs(shape, torch.float32, seed=5)
+    leaf = qkv.clone().requires_grad_()
+    attention(leaf, shape[2]).sum().backward()
+    ones = torch.ones(shape[0], shape[1], shape[2] * shape[3], device=DEVICE)
+    _, dqkv_ref = run(attention_ref, qkv, ones, shape[2])
+    torch.testing.assert_close(leaf.grad, dqkv_ref, atol=EXACT_ATOL, rtol=0)

@@ -1,0 +1,172 @@
+"""The bench suite (bench/): FLOP counts, the reference check, and the CPU smoke run.
+
+The smoke run is not a measurement; it keeps every section's code working in CI.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import flops, reference  # noqa: E402
+
+SECTIONS = ("model", "kernels", "data", "e2e")
+
+
+# -- FLOPs ----------------------------------------------------------------------------------------
+
+def test_vit_b16_macs_match_hand_count():
+    n, c = 197, 768  # 14 x 14 patches + class token
+    per_block = n * c * 3 * c + 2 * n * n * c + n * c * c + 2 * n * c * 4 * c
+    hand = 12 * per_block + 196 * (3 * 16 * 16) * c
+    assert flops.vit_forward_macs("vit_base", 224) == hand
+    assert round(hand / 1e9, 1) == 17.6
+
+
+@pytest.mark.parametrize("arch, gmacs", [("vit_small", 4.6), ("vit_large", 61.6), ("vit_huge", 167.3)])
+def test_vit_macs_other_sizes(arch, gmacs):
+    assert round(flops.vit_forward_macs(arch, 224) / 1e9, 1) == gmacs
+
+
+def test_moco_step_flops_counts_both_encoders():
+    enc = flops.vit_encoder_macs("vit_base", 224, mlp_dim=4096, dim=256)
+    pred = flops.mlp_macs(2, 256, 4096, 256)
+    assert enc.projector == 768 * 4096 + 4096 * 4096 + 4096 * 256
+    # per crop: base fwd + bwd (3x, patch embedding frozen: forward only) + momentum forward; 2 crops, 2 FLOPs/MAC
+    expect = 2 * 2 * (3 * (enc.blocks + enc.projector + pred) + enc.patch_embed + enc.total)
+    assert flops.moco_step_flops_per_image("vit_base") == expect
+    passes = expect / (2 * 2 * flops.vit_forward_macs("vit_base"))  # per crop, in backbone forwards
+    assert 3.95 < passes < 4.0  # base forward + backward (3) + momentum forward (1), less the frozen patch bwd
+
+
+def test_peak_lookup_by_device_name():
+    assert flops.peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert flops.peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert flops.peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert flops.peak_tflops("NVIDIA H100 NVL") is None
+    assert flops.peak_tflops("Some Future GPU") is None
+
+
+# -- reference check ------------------------------------------------------------------------------
+
+META = {"date": "2026-01-01T00:00:00+00:00", "device": {"name": "Test GPU 80GB"}, "commit": "abc",
+        "command": "python bench/throughput.py", "smoke": False,
+        "versions": {"python": "3", "torch": "2"}}
+
+
+def _run(img_s=1000.0, kernel_per_s=50.0, pipe=9000.0):
+    return [
+        {"section": "model", "name": "vit_base", "build": "fused", "batch": 256, "status": "ok",
+         "metrics": {"img_per_s": img_s}, "figures": {"img_per_s": img_s}, "meta": META},
+        {"section": "model", "name": "vit_base", "build": "peer", "batch": 256, "status": "ok",
+         "metrics": {"img_per_s": 500.0}, "figures": {}, "meta": META},
+        {"section": "kernels", "name": "attention", "build": "fwd+bwd", "shape": "B512 N197 H12 D64",
+         "status": "ok", "metrics": {"kernel_ms": 1e3 / kernel_per_s}, "figures": {"kernel_per_s": kernel_per_s},
+         "meta": META},
+        {"section": "data", "name": "dali", "build": "cuda", "shape": "b256 t16", "batch": 256, "status": "ok",
+         "metrics": {"img_per_s": pipe}, "figures": {"img_per_s": pipe}, "meta": META},
+        {"section": "e2e", "name": "vit_b", "build": "train.py", "status": "unavailable", "reason": "x",
+         "meta": META},
+    ]
+
+
+def test_reference_passes_unchanged_and_flags_planted_regression():
+    ref, n = reference.update(_run(), META, {"tolerance": 0.10, "devices": {}})
+    assert n == 3  # fastmoco's own figures only; the peer is context, unavailable entries have none
+    same = reference.compare(_run(), "Test GPU 80GB", ref)
+    assert same.ok and len(same.passed) == 3 and not same.regressions
+    assert reference.compare(_run(img_s=920.0), "Test GPU 80GB", ref).ok  # -8%: within 10%
+    assert reference.compare(_run(img_s=1500.0), "Test GPU 80GB", ref).ok  # faster is never a failure
+
+    bad = reference.compare(_run(img_s=850.0, kernel_per_s=30.0), "Test GPU 80GB", ref)
+    assert not bad.ok
+    assert sorted(k for k, _, _ in bad.regressions) == [
+        "kernels/attention/fwd+bwd/B512 N197 H12 D64/kernel_per_s", "model/vit_base/fused/b256/img_per_s"]
+    assert "REGRESSION model/vit_base/fused/b256/img_per_s" in bad.report()
+    assert "FAILED" in bad.report()
+
+
+def test_reference_other_device_shape_and_missing_figures():
+    ref, _ = reference.update(_run(), META, {"tolerance": 0.10, "devices": {}})
+    other = reference.compare(_run(img_s=1.0), "Another GPU", ref)
+    assert other.ok and not other.has_reference
+    partial = [r for r in _run(img_s=10.0) if r["section"] != "model"]
+    cmp = reference.compare(partial, "Test GPU 80GB", ref)
+    assert cmp.ok and cmp.not_measured == ["model/vit_base/fused/b256/img_per_s"]
+    halved = _run(img_s=10.0)
+    halved[0]["batch"] = 128  # another batch is another figure, never held to b256's reference
+    assert reference.compare(halved, "Test GPU 80GB", ref).ok
+
+
+def test_reference_refuses_smoke_runs():
+    with pytest.raises(ValueError, match="not a measurement"):
+        reference.update(_run(), {**META, "smoke": True}, {"devices": {}})
+
+
+def _write_run(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_update_then_check_a_saved_run(tmp_path):
+    ref_file = tmp_path / "ref.json"
+    ref_file.write_text('{"tolerance": 0.10, "devices": {}}\n')
+    good = _write_run(tmp_path / "good.jsonl", _run())
+    p = _cli("--from", str(good), "--reference", str(ref_file), "--update")
+    assert p.returncode == 0, p.stdout + p.stderr
+    stored = json.loads(ref_file.read_text())
+    assert stored["devices"]["Test GPU 80GB"]["model/vit_base/fused/b256/img_per_s"]["value"] == 1000.0
+
+    p = _cli("--from", str(good), "--reference", str(ref_file))
+    assert p.returncode == 0 and "reference check: PASSED" in p.stdout, p.stdout + p.stderr
+    slow = _write_run(tmp_path / "slow.jsonl", _run(pipe=5000.0))
+    p = _cli("--from", str(slow), "--reference", str(ref_file))
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "REGRESSION data/dali/cuda/b256 t16/img_per_s" in p.stdout
+
+
+def test_shipped_reference_file_is_valid():
+    ref = json.loads((REPO / "bench" / "reference_timings.json").read_text())
+    assert 0 < ref["tolerance"] < 1 and isinstance(ref["devices"], dict)
+    for device, figures in ref["devices"].items():
+        for key, entry in figures.items():
+            assert key.count("/") == 4 and entry["value"] > 0, (device, key)
+
+
+# -- smoke run ------------------------------------------------------------------------------------
+
+def test_smoke_run_has_every_section(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    out = p.stdout
+    assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
+    assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
+    for title in ("== model step", "== kernels", "== data pipeline", "== end to end"):
+        line = next((ln for ln in out.splitlines() if ln.startswith(title)), None)
+        assert line is not None and "SMOKE (CPU): not a measurement" in line, title
+    assert "nothing compared" in out
+
+    files = list(tmp_path.glob("bench-*-smoke.jsonl"))
+    assert len(files) == 1
+    records = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert {r["section"] for r in records} == set(SECTIONS)
+    assert all(r["meta"]["smoke"] and r["meta"]["command"] and r["meta"]["device"]["name"] for r in records)
+    model = {r["build"]: r for r in records if r["section"] == "model"}
+    assert set(model) >= {"fused", "reference", "peer", "peer_compile"}
+    for build in ("reference", "peer"):  # pure PyTorch: these must run everywhere
+        assert model[build]["status"] == "ok", model[build]
+        assert model[build]["metrics"]["img_per_s"] > 0
+    assert {r["name"] for r in records if r["section"] == "kernels"} >= {"attention", "layernorm", "contrastive",
+                                                                         "ema"}
+    assert {r["name"] for r in records if r["section"] == "data"} == {"dali", "torchvision"}
