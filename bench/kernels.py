@@ -32,6 +32,25 @@ def sdpa_from_qkv(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, num_heads * D)
 
 
+def sdpa_pure_inputs(B, N, H, D, device, dtype, seed):
+    """Contiguous (B, H, N, D) q, k, v: SDPA's best case, no layout copies around it."""
+    return tuple(_rand((B, H, N, D), device, dtype, seed + i, True) for i in range(3))
+
+
+def sdpa_flash(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 30) -> float:
+    """Device copy bandwidth (read + write) of a large buffer: the ceiling of memory-bound ops."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    ms = measure(lambda i: b.copy_(a), device, 3, 10, 3).ms
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
 class _Timer:
     def __init__(self, device, warmup, steps, repeats):
         self.device, self.warmup, self.steps, self.repeats = device, warmup, steps, repeats
@@ -79,16 +98,24 @@ def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
         inputs = [(_rand((B, N, 3 * H * D), device, dtype, s, True), H) for s in range(ROTATE)]
         shape = f"B{B} N{N} H{H} D{D}"
         fwd_flops = 4.0 * B * H * N * N * D
+        pure = [sdpa_pure_inputs(B, N, H, D, device, dtype, 50 + 3 * s) for s in range(ROTATE)] \
+            if device.type == "cuda" else None
         for fb in (False, True):
             if fb:
                 k = t.fwd_bwd(attention, inputs, (0,))
                 r = t.fwd_bwd(attention_ref, inputs, (0,))
                 s = t.fwd_bwd(sdpa_from_qkv, inputs, (0,)) if device.type == "cuda" else None
+                p = t.fwd_bwd(sdpa_flash, pure, (0, 1, 2)) if device.type == "cuda" else None
             else:
                 k = t.fwd(attention, inputs)
                 r = t.fwd(attention_ref, inputs)
                 s = t.fwd(sdpa_from_qkv, inputs) if device.type == "cuda" else None
-            extra = {"sdpa_ms": s, "speedup_vs_sdpa": s / k} if s else {}
+                p = t.fwd(sdpa_flash, pure) if device.type == "cuda" else None
+            extra = {}
+            if s:  # timm's way (from qkv, with its layout copies) and SDPA flash alone on contiguous inputs
+                flops = fwd_flops * (3 if fb else 1)
+                extra = {"sdpa_qkv_ms": s, "speedup_vs_sdpa_qkv": s / k, "sdpa_flash_ms": p,
+                         "sdpa_flash_tflops": flops / (p / 1e3) / 1e12, "speedup_vs_sdpa_flash": p / k}
             out.append(_entry("attention", shape, k, r, fwd_flops * (3 if fb else 1), "tflops", extra, fb))
     return out
 
@@ -97,10 +124,11 @@ def bench_layernorm(cfg, t: _Timer, device, dtype) -> list[dict]:
     from fastmoco.kernels.layernorm import add_layernorm, add_layernorm_ref, layernorm, layernorm_ref
 
     out = []
+    copy = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     for M, C in cfg["layernorm"]:
         e = torch.tensor([], dtype=dtype).element_size()
         shape = f"M{M} C{C}"
-        w = [(_rand((C,), device, torch.float32, 100 + s, True), _rand((C,), device, torch.float32, 200 + s, True))
+        w = [(_rand((C,), device, dtype, 100 + s, True), _rand((C,), device, dtype, 200 + s, True))
              for s in range(ROTATE)]
         ln_in = [(_rand((M, C), device, dtype, s, True), *w[s], 1e-6) for s in range(ROTATE)]
         add_in = [(_rand((M, C), device, dtype, s, True), _rand((M, C), device, dtype, 10 + s, True), *w[s], 1e-6)
@@ -113,6 +141,10 @@ def bench_layernorm(cfg, t: _Timer, device, dtype) -> list[dict]:
                           4 * M * C * e, "gbps"))
         out.append(_entry("add_layernorm", shape, t.fwd_bwd(add_layernorm, add_in, (0, 1, 2, 3)),
                           t.fwd_bwd(add_layernorm_ref, add_in, (0, 1, 2, 3)), 8 * M * C * e, "gbps", fb=True))
+    for rec in out:
+        if copy:
+            m = rec["metrics"]
+            m.update(copy_gbps=copy, kernel_frac_of_copy=m["kernel_gbps"] / copy, ref_frac_of_copy=m["ref_gbps"] / copy)
     return out
 
 
@@ -127,42 +159,70 @@ def bench_contrastive(cfg, t: _Timer, device, dtype) -> list[dict]:
                   for s in range(ROTATE)]
         shape = f"N{N} M{M} C{C}"
         out.append(_entry("contrastive", shape, t.fwd(symmetric_contrastive_loss, inputs), t.fwd(ref, inputs)))
+        extra = {}
+        if device.type == "cuda":
+            extra = {"kernel_peak_mib": _extra_peak_mib(symmetric_contrastive_loss, inputs[0], (0, 1), device),
+                     "ref_peak_mib": _extra_peak_mib(ref, inputs[0], (0, 1), device)}
         out.append(_entry("contrastive", shape, t.fwd_bwd(symmetric_contrastive_loss, inputs, (0, 1)),
-                          t.fwd_bwd(ref, inputs, (0, 1)), fb=True))
+                          t.fwd_bwd(ref, inputs, (0, 1)), extra=extra, fb=True))
     return out
 
 
-def _encoder_shapes(arch: str, img: int, dim: int, mlp_dim: int) -> list[torch.Size]:
-    """Parameter shapes of one MoCo encoder (backbone + projector), built on the meta device."""
-    from fastmoco.models.heads import projector
+def _extra_peak_mib(fn, args, wrt, device) -> float:
+    """GPU memory one forward+backward takes beyond what is allocated before it, MiB."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn(*args)
+    torch.autograd.grad(out, [args[j] for j in wrt])
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def _backbone_shapes(arch: str, img: int) -> list[torch.Size]:
+    """Parameter shapes of a ViT backbone (ViT-B/16: 85.8M, ViT-H/14: 630.8M), built on the meta device."""
     from fastmoco.models.vit import VisionTransformer
 
     with torch.device("meta"):
-        enc = VisionTransformer(arch, img_size=img)
-        enc.head = projector(enc.embed_dim, mlp_dim, dim)
-    return [p.shape for p in enc.parameters()]
+        return [p.shape for p in VisionTransformer(arch, img_size=img).parameters()]
 
 
 def bench_ema(cfg, t: _Timer, device, dtype) -> list[dict]:
-    """momentum <- m * momentum + (1 - m) * online over an encoder's fp32 parameter list:
-    one kernel over the list (ema_multi_) vs the multi-tensor reference (ema_foreach_) vs the
-    official per-parameter loop (ema_ref_)."""
-    from fastmoco.kernels.ema import ema_foreach_, ema_multi_, ema_ref_
+    """momentum <- m * momentum + (1 - m) * online over a backbone's parameter list.
+
+    kernel (training case): fp32 momentum, online in the training dtype, and the copy of the
+    momentum weights in that dtype written in the same pass (ema_multi_ with bf16_out);
+    kernel_fp32: fp32 online, no copy. Against: the official per-parameter loop (ema_ref_),
+    torch._foreach_lerp_ with a host scalar, and one lerp over flat fp32 buffers."""
+    from fastmoco.kernels.ema import ema_multi_, ema_ref_
 
     out = []
     m = torch.tensor(0.99, device=device)
-    for arch, img, dim, mlp_dim in cfg["ema"]:
-        shapes = _encoder_shapes(arch, img, dim, mlp_dim)
+    copy = copy_bandwidth_gbps(device) if device.type == "cuda" else None
+    low = dtype if dtype != torch.float32 else torch.bfloat16
+    for arch, img, _, _ in cfg["ema"]:
+        shapes = _backbone_shapes(arch, img)
         numel = sum(s.numel() for s in shapes)
-        sets = [([_rand(s, device, torch.float32, 1000 * k + i) for i, s in enumerate(shapes)],
-                 [_rand(s, device, torch.float32, 1000 * k + 500 + i) for i, s in enumerate(shapes)], m)
+
+        def params(seed, dt):
+            return [_rand(s, device, torch.float32, seed + i).to(dt) for i, s in enumerate(shapes)]
+
+        sets = [(params(1000 * k, torch.float32), params(1000 * k + 500, low), m, params(1000 * k + 700, low))
                 for k in range(2)]
+        sets32 = [(a, [p.float() for p in b], m) for a, b, _, _ in sets]
         k_ms = t.fwd(ema_multi_, sets)
-        f_ms = t.fwd(ema_foreach_, sets)
-        r_ms = t.fwd(ema_ref_, sets)
-        nbytes = 12 * numel  # read momentum + online, write momentum, fp32
-        rec = _entry("ema", f"{arch} {len(shapes)} tensors {numel / 1e6:.1f}M fp32", k_ms, f_ms, nbytes, "gbps",
-                     {"loop_ms": r_ms, "speedup_vs_loop": r_ms / k_ms})
+        k32_ms = t.fwd(ema_multi_, sets32)
+        r_ms = t.fwd(ema_ref_, sets32)
+        lerp_ms = t.fwd(lambda a, b, _m: torch._foreach_lerp_(a, b, 0.01), sets32)
+        flat = [(torch.zeros(numel, device=device), torch.zeros(numel, device=device)) for _ in range(2)]
+        flat_ms = t.fwd(lambda a, b: a.lerp_(b, 0.01), flat)
+        nbytes = (4 + low.itemsize + 4 + low.itemsize) * numel  # read momentum + online, write momentum + copy
+        extra = {"kernel_fp32_online_ms": k32_ms, "loop_ms": r_ms, "foreach_lerp_ms": lerp_ms, "flat_lerp_ms": flat_ms,
+                 "speedup_vs_loop": r_ms / k_ms, "speedup_vs_foreach_lerp": lerp_ms / k_ms}
+        if copy:
+            extra.update(copy_gbps=copy, kernel_frac_of_copy=nbytes / (k_ms / 1e3) / 1e9 / copy)
+        rec = _entry("ema", f"{arch} {len(shapes)} tensors {numel / 1e6:.1f}M {str(low).split('.')[-1]} online+copy",
+                     k_ms, lerp_ms, nbytes, "gbps", extra)
         rec["build"] = "update"
         out.append(rec)
     return out
@@ -178,10 +238,10 @@ def shapes_for(smoke: bool, quick: bool) -> dict:
                 "ema": [("vit_test", 32, 32, 64)]}
     cfg = {
         # ViT-B/16 at batch 256 (512 crops through the base encoder); ViT-H/14 at 64.
-        "attention": [(512, 197, 12, 64), (128, 257, 16, 80)],
-        "layernorm": [(512 * 197, 768), (128 * 257, 1280)],
-        # one GPU's batch of 256 against its own keys, and against a 16-GPU global batch
-        "contrastive": [(256, 256, 256), (256, 4096, 256)],
+        # The issues' shapes, so figures compare with the H100 numbers quoted there.
+        "attention": [(256, 197, 12, 64), (64, 257, 16, 80)],
+        "layernorm": [(512 * 197, 768), (128 * 257, 1280), (512 * 197, 384)],
+        "contrastive": [(4096, 4096, 256), (256, 4096, 256), (1024, 65536, 256)],
         "ema": [("vit_base", 224, 256, 4096), ("vit_huge", 224, 256, 4096)],
     }
     if quick:

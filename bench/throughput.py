@@ -145,10 +145,17 @@ def kernels_table(recs: list[dict], markdown: bool) -> str:
             if f"kernel_{unit}" in m:
                 thru = f"{m[f'kernel_{unit}']:.4g} {label}"
         other = []
-        if m.get("sdpa_ms"):
-            other.append(f"torch sdpa {m['sdpa_ms']:.3f} ms ({m['speedup_vs_sdpa']:.2f}x)")
+        if m.get("sdpa_flash_ms"):
+            other.append(f"sdpa flash {m['sdpa_flash_ms']:.3f} ms = {m['sdpa_flash_tflops']:.0f} TFLOP/s "
+                         f"(kernel {m['speedup_vs_sdpa_flash']:.2f}x); timm-style sdpa from qkv "
+                         f"{m['sdpa_qkv_ms']:.3f} ms ({m['speedup_vs_sdpa_qkv']:.2f}x)")
         if m.get("loop_ms"):
-            other.append(f"ref = multi-tensor; per-param loop {m['loop_ms']:.3f} ms ({m['speedup_vs_loop']:.1f}x)")
+            other.append(f"ref = torch._foreach_lerp_; fp32-online kernel {m['kernel_fp32_online_ms']:.3f} ms; "
+                         f"flat lerp {m['flat_lerp_ms']:.3f} ms; per-param loop {m['loop_ms']:.3f} ms")
+        if m.get("kernel_frac_of_copy"):
+            other.append(f"{100 * m['kernel_frac_of_copy']:.0f}% of copy bandwidth ({m['copy_gbps']:.0f} GB/s)")
+        if m.get("kernel_peak_mib") is not None:
+            other.append(f"extra memory: kernel {m['kernel_peak_mib']:.0f} MiB, ref {m['ref_peak_mib']:.0f} MiB")
         rows.append([r["name"], r.get("build", "-"), r.get("shape", "-"), _fmt(m.get("kernel_ms"), ".3f"),
                      _fmt(m.get("ref_ms"), ".3f"), _fmt(m.get("speedup"), ".2f") + "x", thru, "; ".join(other)])
     return render(headers, rows, markdown)

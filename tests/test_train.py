@@ -3,6 +3,7 @@ resume, interrupted checkpoint writes, and bad input."""
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ WORKER = str(ROOT / "tests" / "train_worker.py")
 COMMON = ["--logging.log_every", "1", "--logging.check_finite_every", "1", "--logging.tensorboard", "false"]
 
 
-def run(cmd, check=True, timeout=600):
+def run(cmd, check=True, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # the reference path; the kernels have their own tests
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -33,8 +34,14 @@ def train_1proc(out_dir, *overrides, mode="fit", dump=None):
                 "--logging.out_dir", str(out_dir), *COMMON, *overrides])
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def train_2proc(out_dir, *overrides):
-    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                 WORKER, "fit", str(out_dir / "dump.pt"), TINY, "--logging.out_dir", str(out_dir), *COMMON,
                 "--deepspeed.train_micro_batch_size_per_gpu", "4", *overrides])
 
