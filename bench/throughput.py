@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernels", default="attention,layernorm,contrastive,ema", help="kernel entries to run")
     p.add_argument("--data", default="", help="JPEG folder (ImageFolder layout) for data and e2e; "
                                              "default: one made from skimage.data photographs")
-    p.add_argument("--data-images", type=int, default=0, help="size of the default folder (default 1024)")
+    p.add_argument("--data-images", type=int, default=0, help="size of the default folder (default 4096)")
     p.add_argument("--e2e-config", default="configs/vit_b.json")
     p.add_argument("--e2e-batch", type=int, default=0, help="micro batch of the e2e run (default 128)")
     p.add_argument("--e2e-steps", type=int, default=0, help="steps of the e2e run (default 50)")
@@ -370,7 +370,7 @@ def run_kernels(args, sink: Sink, device, smoke: bool) -> None:
 def _data_dir(args, smoke: bool) -> tuple[Path | None, str | None]:
     if args.data:
         return Path(args.data), None
-    n = args.data_images or (16 if smoke else 512 if args.quick else 1024)
+    n = args.data_images or (16 if smoke else 1024 if args.quick else 4096)
     try:
         from bench import pipeline
 
@@ -391,7 +391,7 @@ def run_data(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: 
     if smoke:
         kw = dict(batch=4, threads=threads, num_batches=2, warmup=1, image_size=32)
     else:
-        kw = dict(batch=256, threads=threads, num_batches=10 if args.quick else 20, warmup=4, image_size=224)
+        kw = dict(batch=256, threads=threads, num_batches=10 if args.quick else 30, warmup=4, image_size=224)
     for rec in pipeline.bench_data(data_dir, backends, device=device, **kw):
         sink.emit(rec)
 

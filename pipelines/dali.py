@@ -49,16 +49,20 @@ How each maps to DALI, and where it differs from torchvision/PIL:
 Evaluation (`train=False`): resize shorter side to S/0.875, centre crop S,
 normalise; both views are that same image.
 
-Seeding and resume (`DaliTwoCropLoader`): the loader gives the reader the
-exact file sequence of this shard from the saved (epoch, step) on, so a
-resumed run reads the same files in the same batches. DALI's random ops are
-seeded with `mix_seed(seed, epoch, step)` at that point: the same (seed,
-epoch, step) always gives the same augmentations, but a run resumed at step k
-draws different augmentations from the uninterrupted run after step k.
+Input, seeding and resume (`DaliTwoCropLoader`): the graph reads encoded
+files from an external source (`EncodedFeeder`) that follows the shard's
+plan (`ShardPlan`) batch by batch and, when training, runs on into the next
+epoch's order, so one pipeline serves the whole run (no rebuild per epoch).
+A resumed run reads the same files in the same batches from the saved (epoch,
+step). DALI's random ops are seeded with `mix_seed(seed, epoch, step)` where
+the pipeline starts: the same (seed, epoch, step) always gives the same
+augmentations, but a run resumed at step k draws different augmentations
+from the uninterrupted run after step k.
 """
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -156,18 +160,58 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
     return out, dbg
 
 
+class EncodedFeeder:
+    """The external source of the graph: batches of (encoded file bytes, label) in the shard's
+    order, epoch after epoch, with no pipeline rebuild between epochs.
+
+    Training batches run on from (epoch, step) through every later epoch (DALI prefetches
+    a few batches ahead, into the next epoch at the end of one). Evaluation walks one epoch
+    and pads its last batch by repeating samples (the loader drops the padding).
+    Files are read by a small thread pool: file reads release the GIL.
+    """
+
+    def __init__(self, files: list[str], labels: np.ndarray, plan: ShardPlan, epoch: int, step: int,
+                 num_threads: int = 8):
+        self.files, self.labels, self.plan = files, labels, plan
+        self.epoch, self.step = epoch, step
+        self._order = None
+        self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
+
+    def _epoch_order(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, self.plan.epoch_indices(self.epoch))
+        return self._order[1]
+
+    def __call__(self):
+        b = self.plan.batch_size
+        order = self._epoch_order()
+        idx = order[self.step * b:(self.step + 1) * b]
+        if len(idx) < b:  # evaluation's last batch: pad
+            idx = np.resize(np.concatenate([idx, order[:b]]) if len(idx) else order[:b], b)
+        self.step += 1
+        if self.plan.train and self.step >= self.plan.num_batches:
+            self.epoch, self.step = self.epoch + 1, 0
+        encoded = list(self._pool.map(lambda i: np.fromfile(self.files[i], dtype=np.uint8), idx))
+        labels = [self.labels[i:i + 1] for i in idx]
+        return encoded, labels
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 if HAS_DALI:
     @pipeline_def(enable_conditionals=False)
-    def two_crop_pipeline(files: list, labels: list, *, device: str, aug: dict, train: bool = True,
-                          pad_last_batch: bool = False, hw_decoder_load: float = 0.65, debug: bool = False):
-        """The two-crop graph. `device`: "gpu" (mixed decode, GPU ops) or "cpu".
+    def two_crop_pipeline(source, *, device: str, aug: dict, train: bool = True,
+                          hw_decoder_load: float = 0.65, debug: bool = False):
+        """The two-crop graph. `source`: a callable giving (encoded bytes, labels) batches
+        (`EncodedFeeder`). `device`: "gpu" (mixed decode, GPU ops) or "cpu".
 
         Outputs: view1, view2 (B, 3, S, S) float32 normalised; labels (B, 1)
         int32; with `debug`, per view the `DEBUG_KEYS` values (view 1's then
         view 2's; `pre_flip` is the uint8 HWC image before flip/normalise).
         """
-        encoded, label = fn.readers.file(files=files, labels=labels, random_shuffle=False,
-                                         pad_last_batch=pad_last_batch, name="reader")
+        encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
+                                            dtype=[types.UINT8, types.INT32], ndim=[1, 1])
         gpu = device == "gpu"
         if gpu:
             image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
@@ -223,20 +267,24 @@ class DaliTwoCropLoader(TwoCropLoader):
         self.prefetch_queue_depth = prefetch_queue_depth
         self.last_debug: dict | None = None
         self._pipe = None
+        self._feeder: EncodedFeeder | None = None
         self._pipe_next: tuple[int, int] | None = None   # (epoch, step) the pipeline yields next
 
     def _build(self):
-        idx = self.plan.epoch_indices(self.epoch, self.step)
-        self._pipe, self._pipe_next = None, None
-        if len(idx) == 0:
+        """One pipeline from (epoch, step) on; training runs it through every later epoch."""
+        if self._feeder is not None:
+            self._feeder.close()
+        self._pipe, self._pipe_next, self._feeder = None, None, None
+        if len(self.plan.epoch_indices(self.epoch, self.step)) == 0:
             return
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
+        self._feeder = EncodedFeeder(self.files, self.labels, self.plan, self.epoch, self.step,
+                                     num_threads=min(8, max(1, self.cfg.num_threads)))
         pipe = two_crop_pipeline(
-            files=[self.files[i] for i in idx], labels=self.labels[idx].tolist(),
-            device="gpu" if gpu else "cpu", aug=self.aug, train=self.train,
-            pad_last_batch=not self.train, hw_decoder_load=self.hw_decoder_load, debug=self.debug,
+            self._feeder, device="gpu" if gpu else "cpu", aug=self.aug, train=self.train,
+            hw_decoder_load=self.hw_decoder_load, debug=self.debug,
             batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=device_id,
             seed=mix_seed(self.cfg.seed, self.epoch, self.step), prefetch_queue_depth=self.prefetch_queue_depth)
         pipe.build()
@@ -271,7 +319,11 @@ class DaliTwoCropLoader(TwoCropLoader):
             labels = self._to_torch(outs[2], n).reshape(-1).to(torch.int64)
             if self.debug:
                 self.last_debug = self._debug_outputs(outs[3:], n)
-            self._pipe_next = (self.epoch, self.step + 1)
+            # where the pipeline goes on: the next batch, or (training) the next epoch's first
+            nxt = (self.epoch, self.step + 1)
+            if self.train and nxt[1] >= len(self):
+                nxt = (self.epoch + 1, 0)
+            self._pipe_next = nxt
             yield v1, v2, labels
 
     @staticmethod

@@ -111,7 +111,8 @@ def test_augmentation_statistics_follow_the_config(photos):
         ok, frac = _binomial_ok(sol, cfg.solarize_prob[view - 1])
         assert ok, ("solarize", view, frac)
         peak = pre.max((1, 2, 3))
-        assert (peak[sol] <= 127).all() and (peak[~sol] > 127).mean() > 0.9
+        # (unsolarised crops of these photos mostly reach above 127; some dark crops do not)
+        assert (peak[sol] <= 127).all() and (peak[~sol] > 127).mean() > 0.75
         # blur: always on view 1, ~0.1 on view 2
         ok, frac = _binomial_ok(d[f"blur{view}"], cfg.blur_prob[view - 1])
         assert ok, ("blur", view, frac)
@@ -168,6 +169,26 @@ def test_shards_cover_each_file_once_and_follow_the_plan(mixed):
             assert np.array_equal(np.concatenate(got_labels), [mixed[i][1] for i in planned])
             seen += planned.tolist()
         assert len(seen) == len(set(seen)) == 24                   # 26 // 2 = 13 per shard -> 3 batches of 4
+
+
+def test_one_pipeline_serves_consecutive_epochs_in_plan_order(mixed):
+    """No rebuild between epochs (a rebuild costs seconds on a GPU), and still each epoch's order."""
+    from PIL import Image
+    ld = DaliTwoCropLoader(mixed, _cfg(image_size=32), batch_size=4, debug=True)
+    pipes = []
+    for epoch in range(3):
+        ld.set_epoch(epoch)
+        shapes = []
+        for _ in ld:
+            shapes.append(ld.last_debug["image_shape1"][:, :2])
+        pipes.append(ld._pipe)
+        expect = [Image.open(mixed[i][0]).size[::-1] for i in ld.plan.epoch_indices(epoch)]
+        assert np.array_equal(np.concatenate(shapes), np.array(expect)), epoch
+    assert pipes[0] is pipes[1] is pipes[2]
+    ld.load_state_dict({"epoch": 1, "step": 2})  # a jump (resume) rebuilds, at the right place
+    shapes = [ld.last_debug["image_shape1"][:, :2] for _ in ld]
+    expect = [Image.open(mixed[i][0]).size[::-1] for i in ld.plan.epoch_indices(1, 2)]
+    assert np.array_equal(np.concatenate(shapes), np.array(expect)) and ld._pipe is not pipes[0]
 
 
 def test_seeded_determinism_and_resume(mixed):
