@@ -17,8 +17,10 @@ import torch.distributed as dist
 
 
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"non-finite loss ({value}) at step {step}")
+    def __init__(self, step: int, value: float, what: str = "loss"):
+        detail = f"non-finite loss ({value}) at step {step}" if what == "loss" else \
+            f"non-finite {what} after step {step}"
+        super().__init__(detail)
         self.step, self.value = step, value
 
 

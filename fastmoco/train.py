@@ -15,6 +15,7 @@ import copy
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -151,7 +152,19 @@ class Trainer:
         self.resumed_data = meta["data"]
         self._print(f"resumed from {path} at step {self.step}")
 
+    def _check_finite_weights(self) -> None:
+        """SYNC POINT (checkpoints only): a loss is finite before the update that may break the
+        weights, so the weights themselves are checked before they are saved as good."""
+        from fastmoco.momentum import _local
+        local = [_local(p) for p in self.model.parameters()]
+        bad = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).logical_not().sum()
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad)
+        if bad.item():
+            raise NonFiniteLossError(self.step, float("nan"), what="weights")
+
     def save(self) -> Path:
+        self._check_finite_weights()
         data = self.loader.state_dict()
         if data["step"] >= len(self.loader):  # a finished epoch resumes at the start of the next
             data = {"epoch": data["epoch"] + 1, "step": 0}
@@ -222,6 +235,8 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # torch.distributed's deprecation notices, printed by DeepSpeed's calls on every rank and step
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)

@@ -176,3 +176,31 @@ def test_non_image_file_is_skipped_with_a_warning_and_the_run_goes_on(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "notes.txt" in p.stderr
     assert len(losses(tmp_path / "run")) == 2
+
+
+def test_metric_logger_names_the_first_non_finite_step(tmp_path):
+    from fastmoco.metrics import MetricLogger, NonFiniteLossError
+    log = MetricLogger(tmp_path, log_every=4, check_every=4, total_steps=20, global_batch=8,
+                       device=torch.device("cpu"), tensorboard=False, progress=False)
+    values = [1.0, 0.9, 0.8, 0.7, 0.6, float("inf"), float("nan"), 0.5]
+    with pytest.raises(NonFiniteLossError, match="at step 6") as e:
+        for step, v in enumerate(values, 1):
+            log.record(torch.tensor(v))
+            log.after_step(step, 1e-3, 0.99, 0)
+    assert e.value.step == 6
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["step"] == 4 and rec["loss"] == pytest.approx(0.85)
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    p = train_cli(tmp_path, "--optim.base_lr", "1e30", "--checkpoint.every_steps", "1",
+                  "--logging.check_finite_every", "3", "--logging.log_every", "3")
+    assert p.returncode != 0
+    msg = [line for line in p.stderr.splitlines() if line.startswith("fastmoco: non-finite")]
+    assert msg, p.stderr[-2000:]
+    step = int(msg[0].split(" at step ")[1].split(";")[0])
+    good = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert good and int(good[-1].name.split("_")[1]) < step      # nothing saved at or after the bad step
+    assert f"Last good checkpoint: {good[-1]}" in msg[0]
+    assert "Traceback" not in p.stderr
