@@ -57,8 +57,16 @@ def fused(**modes: str):
         _mode.update(saved)
 
 
+# "auto" runs the LayerNorm kernels only at widths where their forward + backward beat torch's
+# on an H100 (bench/RESULTS.md, 2026-11-22, bf16: C=768 1.56x; C=384 0.60x and C=1280 0.71x,
+# the backward being the slow part). Other widths (ViT-L's 1024 is unmeasured) take torch's.
+LAYERNORM_AUTO_WIDTHS = frozenset({768})
+
+
 def use_fused(op: str, t: torch.Tensor) -> bool:
     mode = _mode[op]
+    if mode == "auto" and op == "layernorm":
+        return t.is_cuda and t.shape[-1] in LAYERNORM_AUTO_WIDTHS
     return mode == "on" or (mode == "auto" and t.is_cuda)
 
 

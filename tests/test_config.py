@@ -73,3 +73,19 @@ def test_shipped_configs_load_and_follow_the_recipe():
     h = load_config(root / "vit_h.json")
     assert h.model.arch == "vit_huge" and h.model.grad_checkpointing
     assert h.deepspeed["zero_optimization"]["stage"] == 3 and h.deepspeed["bf16"]["enabled"] in (True, "auto")
+
+
+def test_fused_switch_modes_and_layernorm_widths():
+    import torch
+
+    from fastmoco import ops
+    cpu = torch.zeros(2, 768)
+    with ops.fused(attention="auto", layernorm="auto"):
+        assert not ops.use_fused("attention", cpu) and not ops.use_fused("layernorm", cpu)  # CPU: reference
+    with ops.fused(attention="on", layernorm="on"):
+        assert ops.use_fused("attention", cpu) and ops.use_fused("layernorm", torch.zeros(2, 384))
+    with ops.fused(attention="off"):
+        assert not ops.use_fused("attention", cpu)
+    assert ops.LAYERNORM_AUTO_WIDTHS == {768}
+    with pytest.raises(ValueError, match="unknown fused op"):
+        ops.set_fused(softmax="on")
