@@ -11,6 +11,7 @@ Dotted options after --config override the JSON (see fastmoco/config.py).
 from __future__ import annotations
 
 import argparse
+import json
 import copy
 import os
 import socket
@@ -195,7 +196,7 @@ class Trainer:
                            tensorboard=c.logging.tensorboard, progress=c.logging.progress, start_step=self.step)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(__import__("json").dumps(to_dict(c), indent=1))
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(c), indent=1))
         self.engine.train()
         try:
             while self.step < stop and self.epoch < c.schedule.epochs:

@@ -34,23 +34,12 @@ Reference: `attention_ref` below (unfused matmul -> fp32 softmax -> matmul).
 """
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cast_rtne(x, dtype: tl.constexpr, IS_INTERPRETER: tl.constexpr):
-    """fp32 x -> dtype, rounded to nearest even. The GPU's cast does that; the interpreter's
-    fp32 -> bf16 cast truncates (up to 1 ulp off), so round the fp32 bits by hand there."""
-    if IS_INTERPRETER:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+from .interpreter import cast_rtne, interpreting
 
 
 @triton.jit
@@ -111,7 +100,7 @@ def _attention_fwd_kernel(
     acc = acc / l_i[:, None]
     o = o_ptr + b * stride_o_b
     tl.store(o + offs_m[:, None] * stride_o_n + ((h * HEAD_DIM + offs_d) * stride_o_c)[None, :],
-             _cast_rtne(acc, o_ptr.dtype.element_ty, IS_INTERPRETER), mask=mask_m[:, None] & mask_d[None, :])
+             cast_rtne(acc, o_ptr.dtype.element_ty, IS_INTERPRETER), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(lse_ptr + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -210,9 +199,9 @@ def _attention_bwd_kernel(
     dk *= sm_scale
     own_rows_out = offs_own[:, None] * stride_dqkv_n
     tl.store(dqkv + own_rows_out + (k_feat * stride_dqkv_c)[None, :],
-             _cast_rtne(dk, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
+             cast_rtne(dk, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
     tl.store(dqkv + own_rows_out + (v_feat * stride_dqkv_c)[None, :],
-             _cast_rtne(dv, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
+             cast_rtne(dv, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
 
     # Pass 2: dQ for the queries of this block, over all keys.
     q = tl.load(qkv + own_rows + q_cols[None, :], mask=own_mask, other=0.0)  # (BLOCK_OWN, BLOCK_D)
@@ -240,11 +229,7 @@ def _attention_bwd_kernel(
         dq += tl.dot(ds.to(k_step.dtype), k_step)
     dq *= sm_scale
     tl.store(dqkv + own_rows_out + (q_feat * stride_dqkv_c)[None, :],
-             _cast_rtne(dq, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+             cast_rtne(dq, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
 
 
 # Hopper-oriented candidates for ViT sequences (N <= 257: one to five key blocks), chosen
@@ -267,7 +252,7 @@ _INTERPRETER_BWD = (32, 16, 4, 1)
 @functools.cache
 def _fwd_kernel():
     """The forward kernel wrapped in its autotuner, built on first use (nothing at import)."""
-    configs = [_INTERPRETER_FWD] if _interpreting() else _FWD_CONFIGS
+    configs = [_INTERPRETER_FWD] if interpreting() else _FWD_CONFIGS
     return triton.autotune(
         [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
         key=["N", "HEAD_DIM"],
@@ -277,7 +262,7 @@ def _fwd_kernel():
 @functools.cache
 def _bwd_kernel():
     """The backward kernel wrapped in its autotuner (it only stores: safe to re-run while tuning)."""
-    configs = [_INTERPRETER_BWD] if _interpreting() else _BWD_CONFIGS
+    configs = [_INTERPRETER_BWD] if interpreting() else _BWD_CONFIGS
     return triton.autotune(
         [triton.Config({"BLOCK_OWN": o, "BLOCK_STEP": st}, num_warps=w, num_stages=s) for o, st, w, s in configs],
         key=["N", "HEAD_DIM"],
@@ -302,7 +287,7 @@ def attention_fwd(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torc
         qkv, out, lse,
         *qkv.stride(), *out.stride(),
         N, H, math.log2(math.e) / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_INTERPRETER=_interpreting(),
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_INTERPRETER=interpreting(),
     )
     return out, lse
 
@@ -325,7 +310,7 @@ def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse:
         qkv, dout, dqkv, lse, delta,
         *qkv.stride(), *dout.stride(), *dqkv.stride(),
         N, H, math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=block_d, IS_INTERPRETER=_interpreting(),
+        HEAD_DIM=D, BLOCK_D=block_d, IS_INTERPRETER=interpreting(),
     )
     return dqkv
 

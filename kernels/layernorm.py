@@ -22,24 +22,13 @@ rounded to nearest even (by hand under the interpreter: `IS_INTERPRETER`).
 Reference: `layernorm_ref` / `add_layernorm_ref` below.
 """
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cast_rtne(x, dtype: tl.constexpr, IS_INTERPRETER: tl.constexpr):
-    """fp32 x -> dtype, rounded to nearest even. The GPU's cast does that; the interpreter's
-    fp32 -> bf16 cast truncates (up to 1 ulp off), so round the fp32 bits by hand there."""
-    if IS_INTERPRETER:
-        if dtype == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+from .interpreter import cast_rtne, interpreting
 
 
 @triton.jit
@@ -65,7 +54,7 @@ def _layernorm_fwd_kernel(
     if HAS_BRANCH:
         branch = tl.load(branch_ptr + rows[:, None] * stride_branch + cols[None, :], mask=mask, other=0.0)
         x += branch.to(tl.float32)
-        h = _cast_rtne(x, h_ptr.dtype.element_ty, IS_INTERPRETER)
+        h = cast_rtne(x, h_ptr.dtype.element_ty, IS_INTERPRETER)
         tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)  # normalize h as stored, as the backward will see it
     mean = tl.sum(x, 1) / C
@@ -74,7 +63,7 @@ def _layernorm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    y = _cast_rtne(y, y_ptr.dtype.element_ty, IS_INTERPRETER)
+    y = cast_rtne(y, y_ptr.dtype.element_ty, IS_INTERPRETER)
     tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
     tl.store(mean_ptr + rows, mean, mask=rows < M)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
@@ -120,7 +109,7 @@ def _layernorm_bwd_kernel(
         if HAS_DH:
             dh = tl.load(dh_ptr + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0)
             dx += dh.to(tl.float32)
-        dx = _cast_rtne(dx, dx_ptr.dtype.element_ty, IS_INTERPRETER)
+        dx = cast_rtne(dx, dx_ptr.dtype.element_ty, IS_INTERPRETER)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx, mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
@@ -134,10 +123,6 @@ _TILE = 2048
 # Backward programs per SM: each writes one partial row of dweight/dbias (fp32), summed by torch.
 _BWD_PROGRAMS_PER_SM = 8
 _CPU_BWD_PROGRAMS = 4  # the interpreter runs programs one by one: few programs, long strips
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch_params(C: int) -> tuple[int, int, int]:
@@ -186,7 +171,7 @@ def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
             x2, branch2, h, y, weight, bias, mean, rstd,
             x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0),
             M, C, eps,
-            HAS_BRANCH=branch is not None, IS_INTERPRETER=_interpreting(),
+            HAS_BRANCH=branch is not None, IS_INTERPRETER=interpreting(),
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     h_out = h.view(x.shape) if branch is not None else None
@@ -217,7 +202,7 @@ def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean:
             x2, weight, mean, rstd, dy2, dh2, dx, dw_partial, db_partial,
             x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0),
             M, C, rows_per_program,
-            HAS_DH=dh is not None, IS_INTERPRETER=_interpreting(),
+            HAS_DH=dh is not None, IS_INTERPRETER=interpreting(),
             BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
         )
     return dx.view(x.shape), dw_partial.sum(0), db_partial.sum(0)

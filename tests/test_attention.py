@@ -7,10 +7,10 @@ shapes in bf16 on the GPU (`pytest -m gpu tests/test_attention.py`).
 """
 import contextlib
 import math
-from unittest import mock
 
 import pytest
 import torch
+from poison import poisoned_empty
 
 from fastmoco.kernels.attention import attention, attention_bwd, attention_fwd, attention_ref
 
@@ -41,17 +41,6 @@ CASES = (
 )
 
 
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty returns NaN-filled float tensors: an element a kernel fails to write shows up."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", empty):
-        yield
 
 
 @contextlib.contextmanager

@@ -7,10 +7,10 @@ interpreter on the CPU; full ViT shapes in bf16 on the GPU
 (`pytest -m gpu tests/test_layernorm.py`).
 """
 import contextlib
-from unittest import mock
 
 import pytest
 import torch
+from poison import poisoned_empty
 
 from fastmoco.kernels.layernorm import add_layernorm, add_layernorm_ref, layernorm, layernorm_ref
 
@@ -39,17 +39,6 @@ CASES = (
 )
 
 
-@contextlib.contextmanager
-def poisoned_empty():
-    """torch.empty returns NaN-filled float tensors: an element a kernel fails to write shows up."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    with mock.patch.object(torch, "empty", empty):
-        yield
 
 
 def assert_three_way(name, got, ref, same, atol):
