@@ -17,7 +17,7 @@ import torch
 from fastmoco import ops
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
+def local_data(p: torch.Tensor) -> torch.Tensor:
     """The data this rank holds of parameter p: its ZeRO-3 shard, else the whole tensor."""
     return p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data
 
@@ -40,8 +40,8 @@ class MomentumState:
         (None when the module stays fp32: its parameters are then the master)."""
         if len(momentum_params) != len(online_params):
             raise ValueError("momentum and online encoders differ in parameter count")
-        self.online = [_local(p) for p in online_params]
-        local = [_local(p) for p in momentum_params]
+        self.online = [local_data(p) for p in online_params]
+        local = [local_data(p) for p in momentum_params]
         if all(t.dtype == torch.float32 for t in local):
             self.master, self.copy = local, None
         else:

@@ -156,8 +156,8 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """SYNC POINT (checkpoints only): a loss is finite before the update that may break the
         weights, so the weights themselves are checked before they are saved as good."""
-        from fastmoco.momentum import _local
-        local = [_local(p) for p in self.model.parameters()]
+        from fastmoco.momentum import local_data
+        local = [local_data(p) for p in self.model.parameters()]
         bad = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).logical_not().sum()
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad)

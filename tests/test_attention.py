@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from poison import poisoned_empty
+from kernel_checks import assert_three_way, poisoned_empty
 
 from fastmoco.kernels.attention import attention, attention_bwd, attention_fwd, attention_ref
 
@@ -41,8 +41,6 @@ CASES = (
 )
 
 
-
-
 @contextlib.contextmanager
 def same_dtype_torch(dtype):
     """The same-dtype PyTorch run: fp32 matmuls on the GPU in TF32, like the kernel's tl.dot."""
@@ -64,14 +62,6 @@ def run(fn, qkv, dout, num_heads, poison=False):
         out = fn(leaf, num_heads)
         out.backward(dout)
     return out.detach(), leaf.grad
-
-
-def assert_three_way(name, got, ref, same, atol):
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: NaN or inf (an unwritten element?)"
-    err_kernel = (got.float() - ref).abs().max().item()
-    err_torch = (same.float() - ref).abs().max().item()
-    assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}"
 
 
 def inputs(shape, dtype, scale=1.0, seed=0):

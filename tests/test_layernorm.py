@@ -10,7 +10,7 @@ import contextlib
 
 import pytest
 import torch
-from poison import poisoned_empty
+from kernel_checks import assert_three_way, poisoned_empty
 
 from fastmoco.kernels.layernorm import add_layernorm, add_layernorm_ref, layernorm, layernorm_ref
 
@@ -37,16 +37,6 @@ CASES = (
     + [pytest.param(s, torch.bfloat16, w, BF16_ATOL, id=f"{s}-bf16-{w}-gpu", marks=pytest.mark.gpu)
        for s in GPU_SHAPES for w in (torch.float32, torch.bfloat16)]
 )
-
-
-
-
-def assert_three_way(name, got, ref, same, atol):
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: NaN or inf (an unwritten element?)"
-    err_kernel = (got.float() - ref).abs().max().item()
-    err_torch = (same.float() - ref).abs().max().item()
-    assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}"
 
 
 def inputs(shape, dtype, w_dtype, seed=0):
