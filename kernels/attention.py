@@ -43,6 +43,22 @@ from .interpreter import cast_rtne, interpreting
 
 
 @triton.jit
+def _load_tile(base, rows, mask_rows, cols, mask_cols, stride_n, stride_c, IS_INTERPRETER: tl.constexpr):
+    """(len(rows), len(cols)) tile of base[row * stride_n + col * stride_c]; fp32 under the interpreter."""
+    t = tl.load(base + rows[:, None] * stride_n + (cols * stride_c)[None, :],
+                mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+    if IS_INTERPRETER:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _store_tile(base, value, rows, mask_rows, cols, mask_cols, stride_n, stride_c, IS_INTERPRETER: tl.constexpr):
+    tl.store(base + rows[:, None] * stride_n + (cols * stride_c)[None, :],
+             cast_rtne(value, base.dtype.element_ty, IS_INTERPRETER), mask=mask_rows[:, None] & mask_cols[None, :])
+
+
+@triton.jit
 def _attention_fwd_kernel(
     qkv_ptr,  # (B, N, 3, H, D) through strides (b, n, last dim)
     o_ptr,  # (B, N, H, D) through strides (b, n, last dim)
@@ -50,7 +66,8 @@ def _attention_fwd_kernel(
     stride_qkv_b, stride_qkv_n, stride_qkv_c,
     stride_o_b, stride_o_n, stride_o_c,
     N, H, qk_scale,  # qk_scale = log2(e) / sqrt(D)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr,  # head dim in a BLOCK_D block (+ a TAIL_D block if > 0)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_INTERPRETER: tl.constexpr,
 ):
@@ -63,44 +80,47 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM  # D = 80 runs in a 128-wide block
+    mask_d = offs_d < HEAD_DIM
     qkv = qkv_ptr + b * stride_qkv_b
-    q_cols = (h * HEAD_DIM + offs_d) * stride_qkv_c  # q, k, v of head h inside a token's 3*H*D features
-    k_cols = ((H + h) * HEAD_DIM + offs_d) * stride_qkv_c
-    v_cols = ((2 * H + h) * HEAD_DIM + offs_d) * stride_qkv_c
+    o = o_ptr + b * stride_o_b
+    # q, k, v of head h inside a token's 3*H*D features
+    q_feat, k_feat, v_feat = h * HEAD_DIM, (H + h) * HEAD_DIM, (2 * H + h) * HEAD_DIM
 
-    q = tl.load(qkv + offs_m[:, None] * stride_qkv_n + q_cols[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    if IS_INTERPRETER:
-        q = q.to(tl.float32)
-
+    q = _load_tile(qkv, offs_m, mask_m, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if TAIL_D > 0:  # the head dim's last HEAD_DIM - BLOCK_D features (D = 80: 64 + 16)
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        mask_t = offs_t < HEAD_DIM
+        q_t = _load_tile(qkv, offs_m, mask_m, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        acc_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scaled scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cur_n = start_n + offs_n
         mask_n = cur_n < N
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        # (BLOCK_N, BLOCK_D) each
-        k = tl.load(qkv + cur_n[:, None] * stride_qkv_n + k_cols[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(qkv + cur_n[:, None] * stride_qkv_n + v_cols[None, :], mask=kv_mask, other=0.0)
-        if IS_INTERPRETER:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        k = _load_tile(qkv, cur_n, mask_n, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        v = _load_tile(qkv, cur_n, mask_n, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+        if TAIL_D > 0:
+            k_t = _load_tile(qkv, cur_n, mask_n, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+            v_t = _load_tile(qkv, cur_n, mask_n, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+            s += tl.dot(q_t, tl.trans(k_t))
         # Every key block holds at least one real key, so m_new stays finite.
-        s = tl.where(mask_n[None, :], s, float("-inf"))
+        s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if TAIL_D > 0:
+            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    o = o_ptr + b * stride_o_b
-    tl.store(o + offs_m[:, None] * stride_o_n + ((h * HEAD_DIM + offs_d) * stride_o_c)[None, :],
-             cast_rtne(acc, o_ptr.dtype.element_ty, IS_INTERPRETER), mask=mask_m[:, None] & mask_d[None, :])
+    o_feat = h * HEAD_DIM
+    _store_tile(o, acc / l_i[:, None], offs_m, mask_m, o_feat + offs_d, mask_d, stride_o_n, stride_o_c, IS_INTERPRETER)
+    if TAIL_D > 0:
+        _store_tile(o, acc_t / l_i[:, None], offs_m, mask_m, o_feat + offs_t, mask_t, stride_o_n, stride_o_c,
+                    IS_INTERPRETER)
     tl.store(lse_ptr + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -141,7 +161,8 @@ def _attention_bwd_kernel(
     stride_do_b, stride_do_n, stride_do_c,
     stride_dqkv_b, stride_dqkv_n, stride_dqkv_c,
     N, H, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr,  # head dim in a BLOCK_D block (+ a TAIL_D block if > 0)
     BLOCK_OWN: tl.constexpr,  # rows this program owns: keys for dK/dV, then queries for dQ
     BLOCK_STEP: tl.constexpr,  # rows per step of the inner loops
     IS_INTERPRETER: tl.constexpr,
@@ -161,81 +182,104 @@ def _attention_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_own = offs_own < N
     mask_d = offs_d < HEAD_DIM
-    own_mask = mask_own[:, None] & mask_d[None, :]
+    if TAIL_D > 0:  # the head dim's last HEAD_DIM - BLOCK_D features (D = 80: 64 + 16)
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        mask_t = offs_t < HEAD_DIM
     # q, k, v of head h inside a token's 3*H*D features; dO of head h inside its H*D
-    q_feat = h * HEAD_DIM + offs_d
-    k_feat = (H + h) * HEAD_DIM + offs_d
-    v_feat = (2 * H + h) * HEAD_DIM + offs_d
-    q_cols, k_cols, v_cols = q_feat * stride_qkv_c, k_feat * stride_qkv_c, v_feat * stride_qkv_c
-    do_cols = (h * HEAD_DIM + offs_d) * stride_do_c
+    q_feat, k_feat, v_feat = h * HEAD_DIM, (H + h) * HEAD_DIM, (2 * H + h) * HEAD_DIM
+    do_feat = h * HEAD_DIM
 
     # Pass 1: dK, dV for the keys of this block, over all queries.
-    own_rows = offs_own[:, None] * stride_qkv_n
-    k = tl.load(qkv + own_rows + k_cols[None, :], mask=own_mask, other=0.0)  # (BLOCK_OWN, BLOCK_D)
-    v = tl.load(qkv + own_rows + v_cols[None, :], mask=own_mask, other=0.0)
-    if IS_INTERPRETER:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(qkv, offs_own, mask_own, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+    v = _load_tile(qkv, offs_own, mask_own, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
     dk = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        k_t = _load_tile(qkv, offs_own, mask_own, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        v_t = _load_tile(qkv, offs_own, mask_own, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        dk_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
+        dv_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
     for start_m in range(0, N, BLOCK_STEP):
         cur_m = start_m + offs_step
         mask_m = cur_m < N
-        step_mask = mask_m[:, None] & mask_d[None, :]
         # (BLOCK_STEP, BLOCK_D) each
-        q_step = tl.load(qkv + cur_m[:, None] * stride_qkv_n + q_cols[None, :], mask=step_mask, other=0.0)
-        do_step = tl.load(do_base + cur_m[:, None] * stride_do_n + do_cols[None, :], mask=step_mask, other=0.0)
-        if IS_INTERPRETER:
-            q_step = q_step.to(tl.float32)
-            do_step = do_step.to(tl.float32)
+        q_s = _load_tile(qkv, cur_m, mask_m, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        do_s = _load_tile(do_base, cur_m, mask_m, do_feat + offs_d, mask_d, stride_do_n, stride_do_c, IS_INTERPRETER)
         lse = tl.load(lse_row + cur_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_row + cur_m, mask=mask_m, other=0.0)
+        s_t = tl.dot(k, tl.trans(q_s))  # (BLOCK_OWN, BLOCK_STEP) = S^T
+        if TAIL_D > 0:
+            q_st = _load_tile(qkv, cur_m, mask_m, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
+                              IS_INTERPRETER)
+            do_st = _load_tile(do_base, cur_m, mask_m, do_feat + offs_t, mask_t, stride_do_n, stride_do_c,
+                               IS_INTERPRETER)
+            s_t += tl.dot(k_t, tl.trans(q_st))
         # Padded queries need no mask: q = dO = lse = delta = 0 there, so P^T = 1 meets dO = 0 and dS^T = 0.
-        p_t = tl.exp2(tl.dot(k, tl.trans(q_step)) * qk_scale - lse[None, :])  # (BLOCK_OWN, BLOCK_STEP) = P^T
-        dv += tl.dot(p_t.to(do_step.dtype), do_step)
-        dp_t = tl.dot(v, tl.trans(do_step))
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        dv += tl.dot(p_t.to(do_s.dtype), do_s)
+        dp_t = tl.dot(v, tl.trans(do_s))
+        if TAIL_D > 0:
+            dv_t += tl.dot(p_t.to(do_st.dtype), do_st)
+            dp_t += tl.dot(v_t, tl.trans(do_st))
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_step.dtype), q_step)
-    dk *= sm_scale
-    own_rows_out = offs_own[:, None] * stride_dqkv_n
-    tl.store(dqkv + own_rows_out + (k_feat * stride_dqkv_c)[None, :],
-             cast_rtne(dk, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
-    tl.store(dqkv + own_rows_out + (v_feat * stride_dqkv_c)[None, :],
-             cast_rtne(dv, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
+        dk += tl.dot(ds_t.to(q_s.dtype), q_s)
+        if TAIL_D > 0:
+            dk_t += tl.dot(ds_t.to(q_st.dtype), q_st)
+    _store_tile(dqkv, dk * sm_scale, offs_own, mask_own, k_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c,
+                IS_INTERPRETER)
+    _store_tile(dqkv, dv, offs_own, mask_own, v_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c, IS_INTERPRETER)
+    if TAIL_D > 0:
+        _store_tile(dqkv, dk_t * sm_scale, offs_own, mask_own, k_feat + offs_t, mask_t, stride_dqkv_n,
+                    stride_dqkv_c, IS_INTERPRETER)
+        _store_tile(dqkv, dv_t, offs_own, mask_own, v_feat + offs_t, mask_t, stride_dqkv_n, stride_dqkv_c,
+                    IS_INTERPRETER)
 
     # Pass 2: dQ for the queries of this block, over all keys.
-    q = tl.load(qkv + own_rows + q_cols[None, :], mask=own_mask, other=0.0)  # (BLOCK_OWN, BLOCK_D)
-    do = tl.load(do_base + offs_own[:, None] * stride_do_n + do_cols[None, :], mask=own_mask, other=0.0)
-    if IS_INTERPRETER:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(qkv, offs_own, mask_own, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+    do = _load_tile(do_base, offs_own, mask_own, do_feat + offs_d, mask_d, stride_do_n, stride_do_c, IS_INTERPRETER)
+    dq = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
+    if TAIL_D > 0:
+        q_t = _load_tile(qkv, offs_own, mask_own, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        do_t = _load_tile(do_base, offs_own, mask_own, do_feat + offs_t, mask_t, stride_do_n, stride_do_c,
+                          IS_INTERPRETER)
+        dq_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
     lse = tl.load(lse_row + offs_own, mask=mask_own, other=0.0)
     delta = tl.load(delta_row + offs_own, mask=mask_own, other=0.0)
-    dq = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_STEP):
         cur_n = start_n + offs_step
         mask_n = cur_n < N
-        step_mask = mask_n[:, None] & mask_d[None, :]
         # (BLOCK_STEP, BLOCK_D) each
-        k_step = tl.load(qkv + cur_n[:, None] * stride_qkv_n + k_cols[None, :], mask=step_mask, other=0.0)
-        v_step = tl.load(qkv + cur_n[:, None] * stride_qkv_n + v_cols[None, :], mask=step_mask, other=0.0)
-        if IS_INTERPRETER:
-            k_step = k_step.to(tl.float32)
-            v_step = v_step.to(tl.float32)
-        p = tl.exp2(tl.dot(q, tl.trans(k_step)) * qk_scale - lse[:, None])  # (BLOCK_OWN, BLOCK_STEP)
+        k_s = _load_tile(qkv, cur_n, mask_n, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        v_s = _load_tile(qkv, cur_n, mask_n, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
+        s = tl.dot(q, tl.trans(k_s))  # (BLOCK_OWN, BLOCK_STEP)
+        if TAIL_D > 0:
+            k_st = _load_tile(qkv, cur_n, mask_n, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
+                              IS_INTERPRETER)
+            v_st = _load_tile(qkv, cur_n, mask_n, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
+                              IS_INTERPRETER)
+            s += tl.dot(q_t, tl.trans(k_st))
+        p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)  # padded keys: k = 0 gives exp2(-lse), inf for extreme lse
-        dp = tl.dot(do, tl.trans(v_step))
+        dp = tl.dot(do, tl.trans(v_s))
+        if TAIL_D > 0:
+            dp += tl.dot(do_t, tl.trans(v_st))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_step.dtype), k_step)
-    dq *= sm_scale
-    tl.store(dqkv + own_rows_out + (q_feat * stride_dqkv_c)[None, :],
-             cast_rtne(dq, dqkv_ptr.dtype.element_ty, IS_INTERPRETER), mask=own_mask)
+        dq += tl.dot(ds.to(k_s.dtype), k_s)
+        if TAIL_D > 0:
+            dq_t += tl.dot(ds.to(k_st.dtype), k_st)
+    _store_tile(dqkv, dq * sm_scale, offs_own, mask_own, q_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c,
+                IS_INTERPRETER)
+    if TAIL_D > 0:
+        _store_tile(dqkv, dq_t * sm_scale, offs_own, mask_own, q_feat + offs_t, mask_t, stride_dqkv_n,
+                    stride_dqkv_c, IS_INTERPRETER)
 
 
 # Hopper-oriented candidates for ViT sequences (N <= 257: one to five key blocks), chosen
 # from ptxas register reports for sm_90 (triton 3.8): configs that do not spill at D = 64,
 # and ones that do not (or barely) spill at D = 80, whose 128-wide padded tiles make the
 # backward (K, V, dK, dV held per program) register-bound: hence the small BLOCK_STEP ones.
+# A head dim that is not a power of two is tried both padded to the next power of two and
+# split into two power-of-two blocks (80 = 64 + 16: 37.5% fewer tensor-core FLOPs than 128).
 # Under the interpreter a single config: its autotuner cannot benchmark.
 _FWD_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 64, 8, 3), (128, 32, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3),
@@ -249,24 +293,57 @@ _INTERPRETER_FWD = (32, 32, 4, 1)
 _INTERPRETER_BWD = (32, 16, 4, 1)
 
 
+def head_dim_blocks(D: int, split: bool) -> dict[str, int]:
+    """BLOCK_D (and TAIL_D, 0 for none) covering head dim D: padded to one power of two
+    (at least 16, tl.dot's minimum), or split into the largest power of two <= D and a tail."""
+    if not split:
+        return {"BLOCK_D": max(16, triton.next_power_of_2(D)), "TAIL_D": 0}
+    main = 1 << (D.bit_length() - 1)
+    assert main >= 16 and D > main, f"head dim {D} cannot be split into two blocks"
+    return {"BLOCK_D": main, "TAIL_D": max(16, triton.next_power_of_2(D - main))}
+
+
+def _splits(D: int) -> tuple[bool, ...]:
+    return (False, True) if D > 16 and D != triton.next_power_of_2(D) else (False,)
+
+
+def _configs(D: int, tiles, interpreter_tile, names: tuple[str, str]) -> list[triton.Config]:
+    if interpreting():  # one config; a splittable head dim runs split (padded: pass a config)
+        tiles, splits = [interpreter_tile], _splits(D)[-1:]
+    else:
+        splits = _splits(D)
+    return [triton.Config({names[0]: a, names[1]: b, **head_dim_blocks(D, split)}, num_warps=w, num_stages=st)
+            for split in splits for a, b, w, st in tiles]
+
+
+def fwd_configs(D: int) -> list[triton.Config]:
+    """The forward's candidate configs for head dim D (what its autotuner chooses from)."""
+    return _configs(D, _FWD_CONFIGS, _INTERPRETER_FWD, ("BLOCK_M", "BLOCK_N"))
+
+
+def bwd_configs(D: int) -> list[triton.Config]:
+    """The backward's candidate configs for head dim D."""
+    return _configs(D, _BWD_CONFIGS, _INTERPRETER_BWD, ("BLOCK_OWN", "BLOCK_STEP"))
+
+
 @functools.cache
-def _fwd_kernel():
+def _fwd_kernel(D: int):
     """The forward kernel wrapped in its autotuner, built on first use (nothing at import)."""
-    configs = [_INTERPRETER_FWD] if interpreting() else _FWD_CONFIGS
-    return triton.autotune(
-        [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
-        key=["N", "HEAD_DIM"],
-    )(_attention_fwd_kernel)
+    return triton.autotune(fwd_configs(D), key=["N", "HEAD_DIM"])(_attention_fwd_kernel)
 
 
 @functools.cache
-def _bwd_kernel():
+def _bwd_kernel(D: int):
     """The backward kernel wrapped in its autotuner (it only stores: safe to re-run while tuning)."""
-    configs = [_INTERPRETER_BWD] if interpreting() else _BWD_CONFIGS
-    return triton.autotune(
-        [triton.Config({"BLOCK_OWN": o, "BLOCK_STEP": st}, num_warps=w, num_stages=s) for o, st, w, s in configs],
-        key=["N", "HEAD_DIM"],
-    )(_attention_bwd_kernel)
+    return triton.autotune(bwd_configs(D), key=["N", "HEAD_DIM"])(_attention_bwd_kernel)
+
+
+def _launch(autotuned, kernel, grid, config: triton.Config | None, *args, **kwargs) -> None:
+    """The autotuned kernel, or `kernel` with an explicit config (tests, benches)."""
+    if config is None:
+        autotuned[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
@@ -276,41 +353,47 @@ def _split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[int, int, int]:
     return B, N, C3 // (3 * num_heads)
 
 
-def attention_fwd(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """qkv (B, N, 3*H*D), any strides -> (out (B, N, H*D) in qkv's dtype, lse (B*H, N) fp32 base 2)."""
+def attention_fwd(qkv: torch.Tensor, num_heads: int,
+                  config: triton.Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """qkv (B, N, 3*H*D), any strides -> (out (B, N, H*D) in qkv's dtype, lse (B*H, N) fp32 base 2).
+
+    `config`: one of `fwd_configs(D)` instead of the autotuned choice."""
     B, N, D = _split_heads(qkv, num_heads)
     H = num_heads
     out = torch.empty((B, N, H * D), device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty((B * H, N), device=qkv.device, dtype=torch.float32)
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))  # noqa: E731  (B*H on axis 0: no 65535 cap)
-    _fwd_kernel()[grid](
+    _launch(
+        _fwd_kernel(D), _attention_fwd_kernel, grid, config,
         qkv, out, lse,
         *qkv.stride(), *out.stride(),
         N, H, math.log2(math.e) / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_INTERPRETER=interpreting(),
+        HEAD_DIM=D, IS_INTERPRETER=interpreting(),
     )
     return out, lse
 
 
 def attention_bwd(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  num_heads: int) -> torch.Tensor:
-    """Gradient of `attention` w.r.t. qkv: one (B, N, 3*H*D) tensor in qkv's dtype."""
+                  num_heads: int, config: triton.Config | None = None) -> torch.Tensor:
+    """Gradient of `attention` w.r.t. qkv: one (B, N, 3*H*D) tensor in qkv's dtype.
+
+    `config`: one of `bwd_configs(D)` instead of the autotuned choice."""
     B, N, D = _split_heads(qkv, num_heads)
     H = num_heads
-    block_d = max(16, triton.next_power_of_2(D))
     delta = torch.empty((B * H, N), device=qkv.device, dtype=torch.float32)
     preprocess_block_m = 64
     _attention_bwd_preprocess_kernel[(B * H, triton.cdiv(N, preprocess_block_m))](
         out, dout, delta, *out.stride(), *dout.stride(), N, H,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=preprocess_block_m,
+        HEAD_DIM=D, BLOCK_D=head_dim_blocks(D, split=False)["BLOCK_D"], BLOCK_M=preprocess_block_m,
     )
     dqkv = torch.empty((B, N, 3 * H * D), device=qkv.device, dtype=qkv.dtype)
     grid = lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_OWN"]))  # noqa: E731
-    _bwd_kernel()[grid](
+    _launch(
+        _bwd_kernel(D), _attention_bwd_kernel, grid, config,
         qkv, dout, dqkv, lse, delta,
         *qkv.stride(), *dout.stride(), *dqkv.stride(),
         N, H, math.log2(math.e) / math.sqrt(D), 1.0 / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_D=block_d, IS_INTERPRETER=interpreting(),
+        HEAD_DIM=D, IS_INTERPRETER=interpreting(),
     )
     return dqkv
 

@@ -11,9 +11,16 @@ Backward, with xhat = (x - mean) * rstd, g = dy * weight and means over C:
     dweight = sum over rows of dy * xhat
     dbias   = sum over rows of dy
 For the add variant, both x and branch get dx + dh (dh: h's own gradient).
-Each backward program walks a strip of rows and writes one fp32 partial row of
-dweight and dbias (8 programs per SM: about a thousand rows on an H100); torch
-sums the partial rows.
+
+Both kernels walk a strip of rows in tiles of BLOCK_ROWS rows. A backward
+program writes one fp32 partial row of dweight and dbias for its strip (a few
+programs per SM: about a thousand rows each on an H100), and torch sums the
+partial rows. The forward runs either one tile per program or, like the
+backward, a persistent grid. With NUM_STAGES > 1 the loop over tiles is
+software-pipelined: the next tiles' loads are in flight while one is reduced,
+which these latency-bound loops (two row reductions per tile) need. Which
+config runs is tuned per shape on the GPU (`kernels/tuner.py`); under the
+interpreter and with FASTMOCO_TUNE=0, a fixed default.
 
 All arithmetic is fp32 (loads are upcast at once, which the Triton
 interpreter's wrong bf16 arithmetic also needs); outputs take x's dtype,
@@ -22,6 +29,7 @@ rounded to nearest even (by hand under the interpreter: `IS_INTERPRETER`).
 Reference: `layernorm_ref` / `add_layernorm_ref` below.
 """
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .interpreter import cast_rtne, interpreting
+from .tuner import Tuner
 
 
 @triton.jit
@@ -40,33 +49,37 @@ def _layernorm_fwd_kernel(
     w_ptr, b_ptr,  # (C,)
     mean_ptr, rstd_ptr,  # (M,) fp32 out
     stride_x, stride_branch, stride_h, stride_y,
-    M, C, eps,
+    M, C, eps, rows_per_program,  # rows_per_program: a multiple of BLOCK_ROWS
     HAS_BRANCH: tl.constexpr, IS_INTERPRETER: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_C)
     mask_c = cols < C
-    mask = (rows < M)[:, None] & mask_c[None, :]
-    rows = rows.to(tl.int64)
-
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BRANCH:
-        branch = tl.load(branch_ptr + rows[:, None] * stride_branch + cols[None, :], mask=mask, other=0.0)
-        x += branch.to(tl.float32)
-        h = cast_rtne(x, h_ptr.dtype.element_ty, IS_INTERPRETER)
-        tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)  # normalize h as stored, as the backward will see it
-    mean = tl.sum(x, 1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    y = cast_rtne(y, y_ptr.dtype.element_ty, IS_INTERPRETER)
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
-    tl.store(mean_ptr + rows, mean, mask=rows < M)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+    row_start = tl.program_id(0) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    for start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        mask_r = rows < row_end
+        mask = mask_r[:, None] & mask_c[None, :]
+        rows = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BRANCH:
+            branch = tl.load(branch_ptr + rows[:, None] * stride_branch + cols[None, :], mask=mask, other=0.0)
+            x += branch.to(tl.float32)
+            h = cast_rtne(x, h_ptr.dtype.element_ty, IS_INTERPRETER)
+            tl.store(h_ptr + rows[:, None] * stride_h + cols[None, :], h, mask=mask)
+            x = h.to(tl.float32)  # normalize h as stored, as the backward will see it
+        mean = tl.sum(x, 1) / C
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / C + eps)
+        y = xc * rstd[:, None] * w[None, :] + b[None, :]
+        y = cast_rtne(y, y_ptr.dtype.element_ty, IS_INTERPRETER)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=mask)
+        tl.store(mean_ptr + rows, mean, mask=mask_r)
+        tl.store(rstd_ptr + rows, rstd, mask=mask_r)
 
 
 @triton.jit
@@ -81,7 +94,7 @@ def _layernorm_bwd_kernel(
     stride_x, stride_dy, stride_dh, stride_dx,
     M, C, rows_per_program,  # rows_per_program: a multiple of BLOCK_ROWS
     HAS_DH: tl.constexpr, IS_INTERPRETER: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_C: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -92,7 +105,7 @@ def _layernorm_bwd_kernel(
 
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
-    for start in range(row_start, row_end, BLOCK_ROWS):
+    for start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_ROWS)
         mask_r = rows < row_end
         mask = mask_r[:, None] & mask_c[None, :]
@@ -118,24 +131,79 @@ def _layernorm_bwd_kernel(
     tl.store(db_partial_ptr + pid * C + cols, tl.sum(db_acc, 0), mask=mask_c)
 
 
-# A tile of about _TILE elements per program: one row for C > 1024, several rows for narrow widths.
-_TILE = 2048
-# Backward programs per SM: each writes one partial row of dweight/dbias (fp32), summed by torch.
-_BWD_PROGRAMS_PER_SM = 8
-_CPU_BWD_PROGRAMS = 4  # the interpreter runs programs one by one: few programs, long strips
+@dataclass(frozen=True)
+class LayerNormConfig:
+    """How a LayerNorm kernel is launched (block_rows * next_pow2(C) elements per tile)."""
+    block_rows: int
+    num_warps: int
+    num_stages: int = 1  # row tiles in flight per program (1: no software pipelining)
+    programs_per_sm: int = 0  # 0: one tile per program (forward only); else a persistent grid
 
 
-def _launch_params(C: int) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_ROWS, num_warps) for width C."""
-    block_c = triton.next_power_of_2(C)
-    block_rows = max(1, _TILE // block_c)
+# (elements per tile, warps) candidates: 4 to 16 elements per thread; a tile holds whole rows.
+_TILE_WARPS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
+_DEFAULT_TILE = 2048  # the defaults are the configs measured on an H100 in bench/RESULTS.md
+_DEFAULT_BWD_PROGRAMS_PER_SM = 8
+_PIPELINED_STAGES = 3
+_TUNER = Tuner("layernorm")
+
+
+def _block_c(C: int) -> int:
+    return triton.next_power_of_2(C)
+
+
+def _tile_shapes(C: int) -> list[tuple[int, int]]:
+    """(block_rows, num_warps) options for width C."""
+    block_c = _block_c(C)
+    shapes = sorted({(tile // block_c, warps) for tile, warps in _TILE_WARPS if tile >= block_c})
+    return shapes or [(1, 8 if block_c <= 8192 else 16)]
+
+
+def _default_config(C: int, backward: bool) -> LayerNormConfig:
+    block_c = _block_c(C)
+    block_rows = max(1, _DEFAULT_TILE // block_c)
     num_warps = 8 if block_c * block_rows >= 4096 or block_c >= 2048 else 4
-    return block_c, block_rows, num_warps
+    return LayerNormConfig(block_rows, num_warps, 1, _DEFAULT_BWD_PROGRAMS_PER_SM if backward else 0)
+
+
+def candidate_configs(C: int, backward: bool) -> list[LayerNormConfig]:
+    """What the tuner tries for width C: the default, and pipelined persistent grids."""
+    configs = [_default_config(C, backward)]
+    for rows, warps in _tile_shapes(C):
+        if backward:
+            configs += [LayerNormConfig(rows, warps, stages, programs)
+                        for stages in (1, _PIPELINED_STAGES) for programs in (4, 8)]
+        else:
+            configs += [LayerNormConfig(rows, warps), LayerNormConfig(rows, warps, _PIPELINED_STAGES, 8)]
+    return list(dict.fromkeys(configs))
+
+
+def tuned_configs() -> dict:
+    """What the tuner chose so far: {(direction, C, rows bucket, dtypes, flag): (config, ms)}."""
+    return dict(_TUNER.chosen)
 
 
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid_rows(M: int, config: LayerNormConfig, device: torch.device) -> tuple[int, int]:
+    """(programs, rows_per_program) for M rows. The interpreter counts as one SM."""
+    if config.programs_per_sm == 0:
+        return triton.cdiv(M, config.block_rows), config.block_rows
+    sms = 1
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), config.programs_per_sm * sms), config.block_rows)
+    rows_per_program *= config.block_rows
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+def _tune_key(direction: str, t: torch.Tensor, flag: bool, *others: torch.Tensor) -> tuple:
+    M, C = t.shape
+    return (direction, t.device.index, C, triton.next_power_of_2(max(M, 1)), t.dtype,
+            *(o.dtype for o in others), flag)
 
 
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
@@ -145,10 +213,11 @@ def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
 
 
 def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                  branch: torch.Tensor | None = None):
+                  branch: torch.Tensor | None = None, config: LayerNormConfig | None = None):
     """LayerNorm over the last dim; with `branch`, of h = x + branch.
 
     Returns (h or None, y, mean, rstd): h and y shaped like x; mean, rstd (M,) fp32.
+    `config` None: the tuned (GPU) or default config.
     """
     C = x.shape[-1]
     assert weight.shape == (C,) and bias.shape == (C,), "weight and bias must be (C,)"
@@ -165,47 +234,61 @@ def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         h = torch.empty((M, C), device=x.device, dtype=out_dtype)
     else:
         branch2 = h = y  # placeholders: never read or written when HAS_BRANCH is False
-    if M > 0:
-        block_c, block_rows, num_warps = _launch_params(C)
-        _layernorm_fwd_kernel[(triton.cdiv(M, block_rows),)](
+
+    def launch(cfg: LayerNormConfig) -> None:
+        programs, rows_per_program = _grid_rows(M, cfg, x.device)
+        _layernorm_fwd_kernel[(programs,)](
             x2, branch2, h, y, weight, bias, mean, rstd,
             x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0),
-            M, C, eps,
+            M, C, eps, rows_per_program,
             HAS_BRANCH=branch is not None, IS_INTERPRETER=interpreting(),
-            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
+            BLOCK_ROWS=cfg.block_rows, BLOCK_C=_block_c(C), NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps,
         )
+
+    if M > 0:
+        if config is None:
+            key = _tune_key("fwd", x2, branch is not None, branch2, weight, bias, y)
+            config = _TUNER.pick(key, candidate_configs(C, backward=False), _default_config(C, False), launch, x2)
+        launch(config)
     h_out = h.view(x.shape) if branch is not None else None
     return h_out, y.view(x.shape), mean, rstd
 
 
 def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                  rstd: torch.Tensor, dh: torch.Tensor | None = None):
-    """Returns (dx shaped like x in x's dtype, dweight (C,) fp32, dbias (C,) fp32); dx includes dh if given."""
+                  rstd: torch.Tensor, dh: torch.Tensor | None = None, config: LayerNormConfig | None = None):
+    """Returns (dx shaped like x in x's dtype, dweight (C,) fp32, dbias (C,) fp32); dx includes dh if given.
+
+    `config` None: the tuned (GPU) or default config; its programs_per_sm must be > 0.
+    """
     C = x.shape[-1]
     x2, dy2 = _rows(x, C), _rows(dy, C)
     weight = weight.contiguous()
     dh2 = _rows(dh, C) if dh is not None else dy2  # placeholder when HAS_DH is False
     M = x2.shape[0]
     dx = torch.empty((M, C), device=x.device, dtype=x.dtype)
-    block_c, block_rows, num_warps = _launch_params(C)
-    if x.is_cuda:
-        device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        max_programs = _BWD_PROGRAMS_PER_SM * _sm_count(device_index)
-    else:
-        max_programs = _CPU_BWD_PROGRAMS
-    rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), max_programs), block_rows) * block_rows
-    programs = triton.cdiv(M, rows_per_program)
-    dw_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
-    db_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
-    if M > 0:
-        _layernorm_bwd_kernel[(programs,)](
-            x2, weight, mean, rstd, dy2, dh2, dx, dw_partial, db_partial,
-            x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0),
-            M, C, rows_per_program,
-            HAS_DH=dh is not None, IS_INTERPRETER=interpreting(),
-            BLOCK_ROWS=block_rows, BLOCK_C=block_c, num_warps=num_warps,
-        )
-    return dx.view(x.shape), dw_partial.sum(0), db_partial.sum(0)
+
+    def launch(cfg: LayerNormConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        assert cfg.programs_per_sm > 0, "the backward needs a persistent grid (programs_per_sm > 0)"
+        programs, rows_per_program = _grid_rows(M, cfg, x.device)
+        dw_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
+        db_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
+        if M > 0:
+            _layernorm_bwd_kernel[(programs,)](
+                x2, weight, mean, rstd, dy2, dh2, dx, dw_partial, db_partial,
+                x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0),
+                M, C, rows_per_program,
+                HAS_DH=dh is not None, IS_INTERPRETER=interpreting(),
+                BLOCK_ROWS=cfg.block_rows, BLOCK_C=_block_c(C), NUM_STAGES=cfg.num_stages,
+                num_warps=cfg.num_warps,
+            )
+        return dw_partial.sum(0), db_partial.sum(0)
+
+    if config is None:
+        key = _tune_key("bwd", x2, dh is not None, dy2, weight)
+        config = _TUNER.pick(key, candidate_configs(C, backward=True), _default_config(C, True), launch, x2)
+    dweight, dbias = launch(config)
+    return dx.view(x.shape), dweight, dbias
 
 
 class LayerNormFn(torch.autograd.Function):

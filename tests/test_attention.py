@@ -12,7 +12,17 @@ import pytest
 import torch
 from kernel_checks import assert_three_way, poisoned_empty
 
-from fastmoco.kernels.attention import attention, attention_bwd, attention_fwd, attention_ref
+import triton
+
+from fastmoco.kernels.attention import (
+    attention,
+    attention_bwd,
+    attention_fwd,
+    attention_ref,
+    bwd_configs,
+    fwd_configs,
+    head_dim_blocks,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 on the GPU runs tl.dot in TF32 (10-bit mantissa), and so does the same-dtype
@@ -149,3 +159,59 @@ def test_attention_expanded_output_gradient():
     ones = torch.ones(shape[0], shape[1], shape[2] * shape[3], device=DEVICE)
     _, dqkv_ref = run(attention_ref, qkv, ones, shape[2])
     torch.testing.assert_close(leaf.grad, dqkv_ref, atol=EXACT_ATOL, rtol=0)
+
+
+def test_head_dim_blocks():
+    assert head_dim_blocks(80, split=False) == {"BLOCK_D": 128, "TAIL_D": 0}
+    assert head_dim_blocks(80, split=True) == {"BLOCK_D": 64, "TAIL_D": 16}
+    assert head_dim_blocks(72, split=True) == {"BLOCK_D": 64, "TAIL_D": 16}  # 8 padded to tl.dot's 16
+    assert head_dim_blocks(96, split=True) == {"BLOCK_D": 64, "TAIL_D": 32}
+    assert head_dim_blocks(8, split=False) == {"BLOCK_D": 16, "TAIL_D": 0}
+    with pytest.raises(AssertionError, match="cannot be split"):
+        head_dim_blocks(64, split=True)
+    # What the GPU autotuner chooses from: padded and split for 80, padded alone for 64.
+    if DEVICE == "cuda":
+        assert {c.kwargs["TAIL_D"] for c in fwd_configs(80)} == {0, 16} == {c.kwargs["TAIL_D"] for c in bwd_configs(80)}
+        assert {c.kwargs["TAIL_D"] for c in fwd_configs(64)} == {0}
+
+
+def _explicit_configs(D):
+    """(fwd, bwd) config pairs that cover every candidate: on the GPU the autotuners' lists
+    (cycled against each other); on the CPU the interpreter's tile, padded and split."""
+    fwd, bwd = fwd_configs(D), bwd_configs(D)
+    if DEVICE != "cuda":
+        splits = (False, True) if D & (D - 1) else (False,)
+        with_blocks = lambda c, split: triton.Config(  # noqa: E731
+            {**c.kwargs, **head_dim_blocks(D, split)}, num_warps=c.num_warps, num_stages=c.num_stages)
+        fwd = [with_blocks(fwd[0], split) for split in splits]
+        bwd = [with_blocks(bwd[0], split) for split in splits]
+    return [(fwd[i % len(fwd)], bwd[i % len(bwd)]) for i in range(max(len(fwd), len(bwd)))]
+
+
+EXPLICIT_CASES = (
+    [pytest.param((2, 50, 2, 80), torch.float32, FP32_ATOL, id="d80-fp32"),
+     pytest.param((1, 37, 2, 80), torch.bfloat16, BF16_ATOL, id="d80-bf16"),
+     pytest.param((2, 17, 3, 24), torch.float32, FP32_ATOL, id="d24-fp32")]
+    + [pytest.param(s, torch.bfloat16, BF16_ATOL, id=f"d{s[3]}-bf16-gpu", marks=pytest.mark.gpu)
+       for s in [(8, 257, 16, 80), (8, 197, 12, 64)]]
+)
+
+
+@pytest.mark.parametrize("shape,dtype,atol", EXPLICIT_CASES)
+def test_every_candidate_config(shape, dtype, atol):
+    """Each config the autotuners may pick (head dim padded or split) is right, forward and backward."""
+    H = shape[2]
+    qkv, dout = inputs(shape, dtype, seed=6)
+    out_ref, dqkv_ref = run(attention_ref, qkv.float(), dout.float(), H)
+    with same_dtype_torch(dtype):
+        out_torch, dqkv_torch = run(attention_ref, qkv, dout, H)
+    pairs = _explicit_configs(shape[3])
+    assert len(pairs) > 1
+    for cfg_f, cfg_b in pairs:
+        with poisoned_empty():
+            out, lse = attention_fwd(qkv, H, config=cfg_f)
+            dqkv = attention_bwd(dout, qkv, out, lse, H, config=cfg_b)
+        assert_three_way(f"out ({cfg_f})", out, out_ref, out_torch, atol)
+        for i, part in enumerate("qkv"):
+            chunk = lambda t: t.unflatten(-1, (3, -1))[:, :, i]  # noqa: E731
+            assert_three_way(f"d{part} ({cfg_b})", chunk(dqkv), chunk(dqkv_ref), chunk(dqkv_torch), atol)

@@ -12,7 +12,18 @@ import pytest
 import torch
 from kernel_checks import assert_three_way, poisoned_empty
 
-from fastmoco.kernels.layernorm import add_layernorm, add_layernorm_ref, layernorm, layernorm_ref
+from fastmoco.kernels import layernorm as ln_module
+from fastmoco.kernels import tuner as tuner_module
+from fastmoco.kernels.layernorm import (
+    LayerNormConfig,
+    add_layernorm,
+    add_layernorm_ref,
+    candidate_configs,
+    layernorm,
+    layernorm_bwd,
+    layernorm_fwd,
+    layernorm_ref,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -37,6 +48,13 @@ CASES = (
     + [pytest.param(s, torch.bfloat16, w, BF16_ATOL, id=f"{s}-bf16-{w}-gpu", marks=pytest.mark.gpu)
        for s in GPU_SHAPES for w in (torch.float32, torch.bfloat16)]
 )
+
+
+@pytest.fixture(autouse=True)
+def default_configs(monkeypatch):
+    """Parity tests run the default launch config (tuning every GPU shape would take minutes);
+    `test_every_candidate_config` covers what the tuner may pick, `test_tuned_*` the tuner."""
+    monkeypatch.setenv("FASTMOCO_TUNE", "0")
 
 
 def inputs(shape, dtype, w_dtype, seed=0):
@@ -118,3 +136,97 @@ def test_layernorm_non_contiguous_input():
     torch.testing.assert_close(outs[0], ref_outs[0], atol=FP32_ATOL, rtol=0)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got, ref, atol=FP32_ATOL, rtol=0)
+
+
+# Every config the tuner may choose must be right: small strips on the CPU (several programs,
+# partial last strips), the bench widths in bf16 on the GPU.
+CONFIG_CASES = (
+    [pytest.param((3, 50, 200), torch.float32, FP32_ATOL, id="200-fp32"),
+     pytest.param((2, 37, 72), torch.float32, FP32_ATOL, id="72-fp32")]
+    + [pytest.param(s, torch.bfloat16, BF16_ATOL, id=f"{s[-1]}-bf16-gpu", marks=pytest.mark.gpu)
+       for s in [(16, 197, 768), (8, 257, 1280), (16, 197, 384)]]
+)
+
+
+def _direct(config_fwd, config_bwd, x, branch, weight, bias, dh, dy):
+    """layernorm_fwd/bwd with explicit configs, outputs poisoned: (h, y, dsum, dweight, dbias)."""
+    with poisoned_empty():
+        h, y, mean, rstd = layernorm_fwd(x, weight, bias, EPS, branch=branch, config=config_fwd)
+        dsum, dweight, dbias = layernorm_bwd(dy, h, weight, mean, rstd, dh=dh, config=config_bwd)
+    return h, y, dsum, dweight, dbias
+
+
+@pytest.mark.parametrize("shape,dtype,atol", CONFIG_CASES)
+def test_every_candidate_config(shape, dtype, atol):
+    x, branch, weight, bias, dh, dy = inputs(shape, dtype, torch.float32, seed=4)
+    C = shape[-1]
+    fwd_configs, bwd_configs = candidate_configs(C, backward=False), candidate_configs(C, backward=True)
+    assert len(set(fwd_configs)) == len(fwd_configs) > 1 and len(set(bwd_configs)) == len(bwd_configs) > 1
+    assert any(c.num_stages > 1 for c in bwd_configs) and any(c.programs_per_sm == 0 for c in fwd_configs)
+    (ref_h, ref_y), ref_grads = run(add_layernorm_ref, [t.float() for t in (x, branch, weight, bias)],
+                                    [dh.float(), dy.float()])
+    (same_h, same_y), same_grads = run(add_layernorm_ref, [x, branch, weight.to(dtype), bias.to(dtype)], [dh, dy])
+    ref = {"h": ref_h, "y": ref_y, "dx": ref_grads[0], "dweight": ref_grads[2], "dbias": ref_grads[3]}
+    same = {"h": same_h, "y": same_y, "dx": same_grads[0], "dweight": same_grads[2], "dbias": same_grads[3]}
+    # Pair each forward config with a backward one (cycling), so both lists are covered in full.
+    for i in range(max(len(fwd_configs), len(bwd_configs))):
+        cfg_f, cfg_b = fwd_configs[i % len(fwd_configs)], bwd_configs[i % len(bwd_configs)]
+        got = dict(zip(["h", "y", "dx", "dweight", "dbias"], _direct(cfg_f, cfg_b, x, branch, weight, bias, dh, dy)))
+        for name, value in got.items():
+            assert_three_way(f"{name} ({cfg_f} / {cfg_b})", value, ref[name], same[name], atol)
+
+
+def test_backward_refuses_a_tile_per_program_grid():
+    x, _, weight, bias, _, dy = inputs((2, 9, 72), torch.float32, torch.float32)
+    _, _, mean, rstd = layernorm_fwd(x, weight, bias, EPS)
+    with pytest.raises(AssertionError, match="persistent grid"):
+        layernorm_bwd(dy, x, weight, mean, rstd, config=LayerNormConfig(block_rows=1, num_warps=4))
+
+
+def test_tuner_keeps_the_fastest_runnable_config(monkeypatch):
+    """The tuner's choice, with the GPU timing replaced: fastest wins, a config that cannot
+    run is skipped, and the choice is kept per key (each candidate timed once)."""
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    timed = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return times[timed[-1]]
+
+    def launch(config):
+        if config == "b":
+            raise tuner_module.triton.runtime.errors.OutOfResources(1, 0, "shared memory")
+        timed.append(config)
+
+    monkeypatch.setattr(tuner_module, "tuning_enabled", lambda t: True)
+    monkeypatch.setattr(tuner_module.triton.testing, "do_bench", fake_bench)
+    tuner = tuner_module.Tuner("test")
+    probe = torch.zeros(1)
+    assert tuner.pick("k", ["a", "b", "c"], "a", launch, probe) == "c"
+    assert tuner.pick("k", ["a", "b", "c"], "a", launch, probe) == "c"
+    assert timed == ["a", "c"] and tuner.chosen["k"] == ("c", 2.0)
+    with pytest.raises(RuntimeError, match="no candidate config runs"):
+        tuner.pick("k2", ["b"], "a", launch, probe)
+
+
+def test_tuner_uses_the_default_without_a_gpu_or_when_off(monkeypatch):
+    tuner = tuner_module.Tuner("test")
+    never = lambda config: pytest.fail("nothing may be timed")  # noqa: E731
+    monkeypatch.delenv("FASTMOCO_TUNE", raising=False)
+    assert tuner.pick("k", ["a"], "default", never, torch.zeros(1)) == "default"  # CPU tensor
+    assert tuner.chosen == {}
+
+
+@pytest.mark.gpu
+def test_tuned_layernorm_matches_reference(monkeypatch):
+    """With tuning on (what training runs): the ViT-B bench shape, both variants."""
+    monkeypatch.setenv("FASTMOCO_TUNE", "1")
+    ln_module._TUNER.chosen.clear()
+    x, branch, weight, bias, dh, dy = inputs((512, 197, 768), torch.bfloat16, torch.float32, seed=5)
+    check(add_layernorm, add_layernorm_ref, [x, branch, weight, bias], [dh, dy],
+          ["h", "y", "x", "branch", "weight", "bias"], BF16_ATOL)
+    check(layernorm, layernorm_ref, [x, weight, bias], [dy], ["y", "x", "weight", "bias"], BF16_ATOL)
+    chosen = ln_module.tuned_configs()
+    assert {k[0] for k in chosen} == {"fwd", "bwd"} and len(chosen) == 4, chosen
+    for key, (config, ms) in chosen.items():
+        assert config in candidate_configs(768, backward=key[0] == "bwd") and ms > 0

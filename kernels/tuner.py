@@ -1,0 +1,60 @@
+"""Launch-config tuning for kernels whose buffers depend on the config.
+
+`triton.autotune` picks meta-parameters of one launch whose grid may depend on
+them, but the buffers a launcher allocates cannot (LayerNorm's backward writes
+one partial row per program, so the program count sizes a buffer). `Tuner`
+tunes whole launches instead: once per key, on the GPU, it times
+`launch(config)` for every candidate on the live arguments (every candidate
+only writes its outputs, so running it again is harmless) and keeps the
+fastest. A candidate that cannot run there (out of registers or shared memory)
+is skipped.
+
+The tuning run synchronizes the host, once per key (the first step of a run).
+Under the interpreter, on the CPU, during CUDA graph capture, or with
+FASTMOCO_TUNE=0, the default config is used and nothing is timed.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import torch
+import triton
+
+
+def tuning_enabled(t: torch.Tensor) -> bool:
+    return (
+        t.is_cuda
+        and os.environ.get("FASTMOCO_TUNE", "1") != "0"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+@dataclass
+class Tuner:
+    """Per-key choice among candidate launch configs; `chosen` maps key -> (config, ms)."""
+    name: str
+    warmup_ms: int = 5
+    rep_ms: int = 20
+    chosen: dict[Hashable, tuple[object, float]] = field(default_factory=dict)
+
+    def pick(self, key: Hashable, candidates: list, default, launch: Callable[[object], None],
+             probe: torch.Tensor):
+        """The config to use for `key`; times `candidates` the first time a key is seen on a GPU."""
+        hit = self.chosen.get(key)
+        if hit is not None:
+            return hit[0]
+        if not tuning_enabled(probe):
+            return default
+        timings = []
+        for config in candidates:
+            try:
+                ms = triton.testing.do_bench(lambda: launch(config), warmup=self.warmup_ms, rep=self.rep_ms)
+            except (triton.runtime.errors.OutOfResources, triton.runtime.errors.PTXASError):
+                continue
+            timings.append((ms, config))
+        if not timings:
+            raise RuntimeError(f"{self.name}: no candidate config runs for {key}")
+        ms, best = min(timings, key=lambda t: t[0])
+        self.chosen[key] = (best, ms)
+        return best
