@@ -10,6 +10,8 @@ memory-bound ops in GB/s of the bytes they must move at least.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -90,7 +92,25 @@ def _entry(op, shape, kernel_ms, ref_ms, work=None, unit=None, extra=None, fb=Fa
             "status": "ok", "metrics": metrics, "figures": {"kernel_per_s": 1e3 / kernel_ms}}
 
 
+def _autotune_summary(autotuner, prefix: str) -> dict:
+    """What a Triton autotuner chose in its last tuning, and its best padded and best split
+    head-dim configs (TAIL_D 0 / > 0): whether splitting 80 = 64 + 16 paid, measured in this run."""
+    timings = getattr(autotuner, "configs_timings", None)
+    if not timings:
+        return {}
+    ms = {c: (v[0] if isinstance(v, (list, tuple)) else v) for c, v in timings.items()}
+    best = min(ms, key=ms.get)
+    out = {f"{prefix}_config": " ".join(f"{k}={v}" for k, v in best.kwargs.items())
+           + f" warps={best.num_warps} stages={best.num_stages}"}
+    for name, chosen in (("padded", [c for c in ms if not c.kwargs.get("TAIL_D")]),
+                         ("split", [c for c in ms if c.kwargs.get("TAIL_D")])):
+        if chosen:
+            out[f"{prefix}_best_{name}_ms"] = min(ms[c] for c in chosen)
+    return out
+
+
 def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
+    from fastmoco.kernels import attention as attention_module
     from fastmoco.kernels.attention import attention, attention_ref
 
     out = []
@@ -116,7 +136,37 @@ def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
                 flops = fwd_flops * (3 if fb else 1)
                 extra = {"sdpa_qkv_ms": s, "speedup_vs_sdpa_qkv": s / k, "sdpa_flash_ms": p,
                          "sdpa_flash_tflops": flops / (p / 1e3) / 1e12, "speedup_vs_sdpa_flash": p / k}
+                # Each head dim has its own autotuners, and this shape's were the last tuned.
+                extra.update(_autotune_summary(attention_module._bwd_kernel(D) if fb else attention_module._fwd_kernel(D),
+                                               "bwd" if fb else "fwd"))
             out.append(_entry("attention", shape, k, r, fwd_flops * (3 if fb else 1), "tflops", extra, fb))
+    return out
+
+
+def _untuned_ms(timer_fn, *args) -> float:
+    """The same timing with FASTMOCO_TUNE=0: the fixed default launch config."""
+    saved = os.environ.get("FASTMOCO_TUNE")
+    os.environ["FASTMOCO_TUNE"] = "0"
+    try:
+        return timer_fn(*args)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTMOCO_TUNE")
+        else:
+            os.environ["FASTMOCO_TUNE"] = saved
+
+
+def _layernorm_tuning(M: int, C: int, has_branch: bool, fb: bool) -> dict:
+    """The configs the tuner chose for this shape (fwd, and bwd for forward+backward)."""
+    import triton
+
+    from fastmoco.kernels.layernorm import tuned_configs
+
+    out = {}
+    for key, (config, ms) in tuned_configs().items():
+        direction, _, width, bucket, *_, flag = key
+        if width == C and bucket == triton.next_power_of_2(M) and flag == has_branch and (fb or direction == "fwd"):
+            out[f"{direction}_config"] = str(config)
     return out
 
 
@@ -133,14 +183,19 @@ def bench_layernorm(cfg, t: _Timer, device, dtype) -> list[dict]:
         ln_in = [(_rand((M, C), device, dtype, s, True), *w[s], 1e-6) for s in range(ROTATE)]
         add_in = [(_rand((M, C), device, dtype, s, True), _rand((M, C), device, dtype, 10 + s, True), *w[s], 1e-6)
                   for s in range(ROTATE)]
-        out.append(_entry("layernorm", shape, t.fwd(layernorm, ln_in), t.fwd(layernorm_ref, ln_in),
-                          2 * M * C * e, "gbps"))
-        out.append(_entry("layernorm", shape, t.fwd_bwd(layernorm, ln_in, (0, 1, 2)),
-                          t.fwd_bwd(layernorm_ref, ln_in, (0, 1, 2)), 5 * M * C * e, "gbps", fb=True))
-        out.append(_entry("add_layernorm", shape, t.fwd(add_layernorm, add_in), t.fwd(add_layernorm_ref, add_in),
-                          4 * M * C * e, "gbps"))
-        out.append(_entry("add_layernorm", shape, t.fwd_bwd(add_layernorm, add_in, (0, 1, 2, 3)),
-                          t.fwd_bwd(add_layernorm_ref, add_in, (0, 1, 2, 3)), 8 * M * C * e, "gbps", fb=True))
+        cases = [("layernorm", layernorm, layernorm_ref, ln_in, (0, 1, 2), 2, 5, False),
+                 ("add_layernorm", add_layernorm, add_layernorm_ref, add_in, (0, 1, 2, 3), 4, 8, True)]
+        for name, fn, ref, inputs, wrt, fwd_bytes, fb_bytes, has_branch in cases:
+            for fb in (False, True):
+                timer_args = (fn, inputs, wrt) if fb else (fn, inputs)
+                timer = t.fwd_bwd if fb else t.fwd
+                k = timer(*timer_args)
+                r = timer(ref, *timer_args[1:])
+                extra = _layernorm_tuning(M, C, has_branch, fb)
+                if device.type == "cuda":
+                    default = _untuned_ms(timer, *timer_args)
+                    extra.update(default_config_ms=default, speedup_vs_default_config=default / k)
+                out.append(_entry(name, shape, k, r, (fb_bytes if fb else fwd_bytes) * M * C * e, "gbps", extra, fb))
     for rec in out:
         if copy:
             m = rec["metrics"]

@@ -149,6 +149,14 @@ def kernels_table(recs: list[dict], markdown: bool) -> str:
             other.append(f"sdpa flash {m['sdpa_flash_ms']:.3f} ms = {m['sdpa_flash_tflops']:.0f} TFLOP/s "
                          f"(kernel {m['speedup_vs_sdpa_flash']:.2f}x); timm-style sdpa from qkv "
                          f"{m['sdpa_qkv_ms']:.3f} ms ({m['speedup_vs_sdpa_qkv']:.2f}x)")
+        for d in ("fwd", "bwd"):  # autotuned attention: its choice, best padded vs split head dim
+            if m.get(f"{d}_best_split_ms") is not None:
+                other.append(f"{d} autotune: best padded {_fmt(m.get(f'{d}_best_padded_ms'), '.3f')} ms, "
+                             f"best split {m[f'{d}_best_split_ms']:.3f} ms, chose {m[f'{d}_config']}")
+        if m.get("default_config_ms"):  # tuned layernorm: its choice vs the fixed default
+            chose = ", ".join(f"{d} {m[f'{d}_config']}" for d in ("fwd", "bwd") if m.get(f"{d}_config"))
+            other.append(f"default config {m['default_config_ms']:.3f} ms (tuned "
+                         f"{m['speedup_vs_default_config']:.2f}x; {chose})")
         if m.get("loop_ms"):
             other.append(f"ref = torch._foreach_lerp_; fp32-online kernel {m['kernel_fp32_online_ms']:.3f} ms; "
                          f"flat lerp {m['flat_lerp_ms']:.3f} ms; per-param loop {m['loop_ms']:.3f} ms")

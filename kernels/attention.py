@@ -23,6 +23,12 @@ that block of keys by iterating over all queries, then dQ for the same block
 of queries by iterating over all keys (atomics-free; S and dP are recomputed in
 the second pass). dQ, dK, dV are written straight into one (B, N, 3*H*D) buffer.
 
+Head dims that are not a power of two (ViT-H/14: D = 80) run either padded to
+the next power of two (BLOCK_D = 128, masked) or split into two power-of-two
+blocks, BLOCK_D + TAIL_D (64 + 16), each score and output a sum or pair of
+dots over the two blocks: 80 columns of tensor-core work instead of 128. The
+autotuner times both on the GPU and keeps the faster.
+
 Numerics: matmul operands in the input dtype (bf16 on the GPU), fp32
 accumulation, fp32 softmax statistics; fp32 inputs on the GPU get tl.dot's
 default TF32 precision. Under the Triton interpreter (TRITON_INTERPRET=1),

@@ -139,6 +139,10 @@ class LayerNormConfig:
     num_stages: int = 1  # row tiles in flight per program (1: no software pipelining)
     programs_per_sm: int = 0  # 0: one tile per program (forward only); else a persistent grid
 
+    def __str__(self) -> str:
+        grid = f"{self.programs_per_sm}/SM" if self.programs_per_sm else "tile/program"
+        return f"rows {self.block_rows}, warps {self.num_warps}, stages {self.num_stages}, {grid}"
+
 
 # (elements per tile, warps) candidates: 4 to 16 elements per thread; a tile holds whole rows.
 _TILE_WARPS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
@@ -167,14 +171,18 @@ def _default_config(C: int, backward: bool) -> LayerNormConfig:
 
 
 def candidate_configs(C: int, backward: bool) -> list[LayerNormConfig]:
-    """What the tuner tries for width C: the default, and pipelined persistent grids."""
+    """What the tuner tries for width C: the default, pipelined persistent grids, and (forward)
+    one tile per program. The program count changes only the grid, not the compiled kernel: the
+    backward tries several, since the registers its accumulators take (two fp32 tiles) decide how
+    many programs an SM holds at once."""
     configs = [_default_config(C, backward)]
     for rows, warps in _tile_shapes(C):
         if backward:
             configs += [LayerNormConfig(rows, warps, stages, programs)
-                        for stages in (1, _PIPELINED_STAGES) for programs in (4, 8)]
+                        for stages in (1, _PIPELINED_STAGES) for programs in (2, 4, 8, 16)]
         else:
-            configs += [LayerNormConfig(rows, warps), LayerNormConfig(rows, warps, _PIPELINED_STAGES, 8)]
+            configs += [LayerNormConfig(rows, warps)]
+            configs += [LayerNormConfig(rows, warps, _PIPELINED_STAGES, programs) for programs in (4, 8)]
     return list(dict.fromkeys(configs))
 
 

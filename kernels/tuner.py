@@ -41,11 +41,11 @@ class Tuner:
     def pick(self, key: Hashable, candidates: list, default, launch: Callable[[object], None],
              probe: torch.Tensor):
         """The config to use for `key`; times `candidates` the first time a key is seen on a GPU."""
+        if not tuning_enabled(probe):  # checked first: FASTMOCO_TUNE=0 gives the default even after tuning
+            return default
         hit = self.chosen.get(key)
         if hit is not None:
             return hit[0]
-        if not tuning_enabled(probe):
-            return default
         timings = []
         for config in candidates:
             try:

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from kernel_checks import assert_three_way, poisoned_empty
+from kernel_checks import assert_fits_hopper, assert_three_way, compile_for_hopper, poisoned_empty
 
 import triton
 
@@ -215,3 +215,37 @@ def test_every_candidate_config(shape, dtype, atol):
         for i, part in enumerate("qkv"):
             chunk = lambda t: t.unflatten(-1, (3, -1))[:, :, i]  # noqa: E731
             assert_three_way(f"d{part} ({cfg_b})", chunk(dqkv), chunk(dqkv_ref), chunk(dqkv_torch), atol)
+
+
+def _hopper_spec(config: triton.Config, D: int, backward: bool) -> dict:
+    """The kernel as a launch at the ViT shape compiles it: strides 1 and multiples of 16 specialized."""
+    H = 16 if D == 80 else 12
+    if backward:
+        ptrs = {"qkv_ptr": "*bf16", "do_ptr": "*bf16", "dqkv_ptr": "*bf16", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+        strides = ["stride_qkv_b", "stride_qkv_n", "stride_do_b", "stride_do_n", "stride_dqkv_b", "stride_dqkv_n"]
+        unit = {"stride_qkv_c": 1, "stride_do_c": 1, "stride_dqkv_c": 1}
+        scalars = {"N": "i32", "H": "i32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    else:
+        ptrs = {"qkv_ptr": "*bf16", "o_ptr": "*bf16", "lse_ptr": "*fp32"}
+        strides = ["stride_qkv_b", "stride_qkv_n", "stride_o_b", "stride_o_n"]
+        unit = {"stride_qkv_c": 1, "stride_o_c": 1}
+        scalars = {"N": "i32", "H": "i32", "qk_scale": "fp32"}
+    return {
+        "module": "fastmoco.kernels.attention",
+        "kernel": "_attention_bwd_kernel" if backward else "_attention_fwd_kernel",
+        "args": {**ptrs, **{s: "i32" for s in strides}, **scalars},
+        "constexprs": {**unit, **config.kwargs, "HEAD_DIM": D, "IS_INTERPRETER": False},
+        "divisible_by_16": [*ptrs, *strides, *(["H"] if H % 16 == 0 else [])],
+        "num_warps": config.num_warps, "num_stages": config.num_stages,
+    }
+
+
+def test_candidate_configs_compile_for_hopper(monkeypatch):
+    """Every config the GPU autotuners may pick, at head dims 64 and 80 (padded and split),
+    compiles for sm_90 without spilling registers and within the shared memory a program gets."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's candidate lists, not the interpreter's one config
+    cases = [(c, D, bwd) for D in (64, 80) for bwd in (False, True) for c in (bwd_configs(D) if bwd else fwd_configs(D))]
+    assert any(c.kwargs["TAIL_D"] for c, D, _ in cases if D == 80)
+    results = compile_for_hopper([_hopper_spec(c, D, bwd) for c, D, bwd in cases])
+    for (config, D, bwd), result in zip(cases, results):
+        assert_fits_hopper(f"{'bwd' if bwd else 'fwd'} D={D} {config}", result)

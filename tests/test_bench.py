@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import triton
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -170,3 +171,24 @@ def test_smoke_run_has_every_section(tmp_path):
     assert {r["name"] for r in records if r["section"] == "kernels"} >= {"attention", "layernorm", "contrastive",
                                                                          "ema"}
     assert {r["name"] for r in records if r["section"] == "data"} == {"dali", "torchvision"}
+
+
+def test_kernels_table_shows_tuning_choices():
+    """GPU-only details (the tuner's choice, split vs padded head dim) reach the table."""
+    from bench.kernels import _autotune_summary, _entry
+    from bench.throughput import kernels_table
+
+    class FakeAutotuner:  # what triton.autotune keeps after tuning: {config: [median, p20, p80]}
+        configs_timings = {triton.Config({"BLOCK_M": 64, "TAIL_D": 0}, num_warps=4): [0.30, 0.29, 0.31],
+                           triton.Config({"BLOCK_M": 128, "TAIL_D": 16}, num_warps=8): [0.25, 0.24, 0.26]}
+
+    summary = _autotune_summary(FakeAutotuner(), "bwd")
+    assert summary["bwd_best_padded_ms"] == 0.30 and summary["bwd_best_split_ms"] == 0.25
+    assert "TAIL_D=16" in summary["bwd_config"]
+    att = _entry("attention", "B64 N257 H16 D80", 0.5, 2.0, 1e12, "tflops", summary, fb=True)
+    ln = _entry("layernorm", "M100 C768", 0.1, 0.2, 1e9, "gbps",
+                {"default_config_ms": 0.15, "speedup_vs_default_config": 1.5,
+                 "fwd_config": "rows 1, warps 4, stages 3, 8/SM"}, fb=False)
+    table = kernels_table([att, ln], markdown=True)
+    assert "best padded 0.300 ms, best split 0.250 ms" in table
+    assert "default config 0.150 ms (tuned 1.50x; fwd rows 1, warps 4, stages 3, 8/SM)" in table

@@ -10,7 +10,8 @@ import contextlib
 
 import pytest
 import torch
-from kernel_checks import assert_three_way, poisoned_empty
+import triton
+from kernel_checks import assert_fits_hopper, assert_three_way, compile_for_hopper, poisoned_empty
 
 from fastmoco.kernels import layernorm as ln_module
 from fastmoco.kernels import tuner as tuner_module
@@ -215,6 +216,9 @@ def test_tuner_uses_the_default_without_a_gpu_or_when_off(monkeypatch):
     monkeypatch.delenv("FASTMOCO_TUNE", raising=False)
     assert tuner.pick("k", ["a"], "default", never, torch.zeros(1)) == "default"  # CPU tensor
     assert tuner.chosen == {}
+    tuner.chosen["k"] = ("a", 1.0)  # tuned before: FASTMOCO_TUNE=0 still gives the default
+    monkeypatch.setattr(tuner_module, "tuning_enabled", lambda t: False)
+    assert tuner.pick("k", ["a"], "default", never, torch.zeros(1)) == "default"
 
 
 @pytest.mark.gpu
@@ -230,3 +234,37 @@ def test_tuned_layernorm_matches_reference(monkeypatch):
     assert {k[0] for k in chosen} == {"fwd", "bwd"} and len(chosen) == 4, chosen
     for key, (config, ms) in chosen.items():
         assert config in candidate_configs(768, backward=key[0] == "bwd") and ms > 0
+
+
+def _hopper_spec(config: LayerNormConfig, C: int, backward: bool) -> dict:
+    """The add variant (the superset path) as a bf16 launch with fp32 weights compiles it."""
+    if backward:
+        ptrs = {"x_ptr": "*bf16", "w_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dy_ptr": "*bf16",
+                "dh_ptr": "*bf16", "dx_ptr": "*bf16", "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
+        strides = ["stride_x", "stride_dy", "stride_dh", "stride_dx"]
+        scalars = {"M": "i32", "C": "i32", "rows_per_program": "i32"}
+        flags = {"HAS_DH": True}
+    else:
+        ptrs = {"x_ptr": "*bf16", "branch_ptr": "*bf16", "h_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*fp32",
+                "b_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"}
+        strides = ["stride_x", "stride_branch", "stride_h", "stride_y"]
+        scalars = {"M": "i32", "C": "i32", "eps": "fp32", "rows_per_program": "i32"}
+        flags = {"HAS_BRANCH": True}
+    return {
+        "module": "fastmoco.kernels.layernorm",
+        "kernel": "_layernorm_bwd_kernel" if backward else "_layernorm_fwd_kernel",
+        "args": {**ptrs, **{s: "i32" for s in strides}, **scalars},
+        "constexprs": {**flags, "IS_INTERPRETER": False, "BLOCK_ROWS": config.block_rows,
+                       "BLOCK_C": triton.next_power_of_2(C), "NUM_STAGES": config.num_stages},
+        "divisible_by_16": [*ptrs, *strides, "C"],
+        "num_warps": config.num_warps, "num_stages": config.num_stages,
+    }
+
+
+def test_candidate_configs_compile_for_hopper():
+    """Every config the tuner may pick at the ViT widths compiles for sm_90 (the pipelined row
+    loops included, which the interpreter runs as plain loops) without spilling registers."""
+    cases = [(c, C, bwd) for C in (384, 768, 1280) for bwd in (False, True) for c in candidate_configs(C, bwd)]
+    results = compile_for_hopper([_hopper_spec(c, C, bwd) for c, C, bwd in cases])
+    for (config, C, bwd), result in zip(cases, results):
+        assert_fits_hopper(f"{'bwd' if bwd else 'fwd'} C={C} {config}", result)
