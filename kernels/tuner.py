@@ -19,6 +19,10 @@ from typing import Callable, Hashable
 
 import torch
 import triton
+from triton.runtime import errors as _errors
+
+# What a candidate that cannot run raises (PTXASError is newer than some Triton releases).
+_CANNOT_RUN = tuple(e for e in (getattr(_errors, "OutOfResources", None), getattr(_errors, "PTXASError", None)) if e)
 
 
 def tuning_enabled(t: torch.Tensor) -> bool:
@@ -50,7 +54,7 @@ class Tuner:
         for config in candidates:
             try:
                 ms = triton.testing.do_bench(lambda: launch(config), warmup=self.warmup_ms, rep=self.rep_ms)
-            except (triton.runtime.errors.OutOfResources, triton.runtime.errors.PTXASError):
+            except _CANNOT_RUN:
                 continue
             timings.append((ms, config))
         if not timings:

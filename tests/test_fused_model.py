@@ -72,3 +72,62 @@ def test_vit_base_fused_matches_reference_bf16():
     for n in g32:
         assert torch.isfinite(gk[n]).all(), n
         assert rel_err(gk[n], g32[n]) <= 2 * rel_err(gr[n], g32[n]) + 2e-2, n
+
+
+def test_layernorm_auto_dispatch_times_once_and_keeps_the_faster(monkeypatch):
+    """"auto" LayerNorm: per shape, the faster of kernel and torch fwd+bwd, timed once (timing
+    replaced by given figures here; the timed runs are real, under the interpreter on the CPU)."""
+    from fastmoco.kernels import tuner
+
+    ran = []
+    figures = {}
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return figures[ran[-1]]
+
+    real_launch = ops._layernorm_timing_launch
+
+    def recording_launch(*args):
+        launch = real_launch(*args)
+
+        def run(choice):
+            ran.append(choice)
+            launch(choice)
+        return run
+
+    monkeypatch.setattr(ops, "tuning_enabled", lambda t: True)
+    monkeypatch.setattr(tuner, "tuning_enabled", lambda t: True)
+    monkeypatch.setattr(tuner.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(ops, "_layernorm_timing_launch", recording_launch)
+    monkeypatch.setattr(ops, "_LAYERNORM_DISPATCH", tuner.Tuner("test dispatch"))
+    x, w = torch.randn(3, 5, 72), torch.randn(72)
+    figures.update(kernel=1.0, torch=2.0)
+    assert ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True)
+    assert ran == ["kernel", "torch"]
+    assert ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True) and len(ran) == 2  # kept, not re-timed
+    figures.update(kernel=3.0)
+    assert not ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=False)  # another key: torch faster
+    assert not ops._layernorm_kernel_wins(torch.randn(12, 72), w, 1e-6, has_branch=False)  # same rows bucket (16)
+    assert len(ran) == 4
+    monkeypatch.setattr(ops, "tuning_enabled", lambda t: False)  # FASTMOCO_TUNE=0: the measured widths
+    assert not ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True)
+    assert ops._layernorm_kernel_wins(torch.randn(2, 768), torch.randn(768), 1e-6, has_branch=True)
+
+
+@pytest.mark.gpu
+def test_layernorm_auto_dispatch_on_gpu():
+    """On the GPU the decision is timed and every ViT width gets one; the chosen path is right."""
+    from fastmoco.kernels.layernorm import add_layernorm_ref
+
+    for C in (384, 768, 1280):
+        x = torch.randn(8, 197, C, device="cuda", dtype=torch.bfloat16)
+        branch = torch.randn_like(x)
+        w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+        with ops.fused(layernorm="auto"):
+            h, y = ops.add_layernorm(x, branch, w, b, 1e-6)
+        key = next(k for k in ops._LAYERNORM_DISPATCH.chosen if k[1] == C and k[-1] is True)
+        assert ops._LAYERNORM_DISPATCH.chosen[key][0] in ("kernel", "torch")
+        h_ref, y_ref = add_layernorm_ref(x.float(), branch.float(), w, b, 1e-6)
+        torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=0)
+        torch.testing.assert_close(h.float(), h_ref, atol=5e-2, rtol=0)
