@@ -11,6 +11,7 @@ memory-bound ops in GB/s of the bytes they must move at least.
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -145,15 +146,8 @@ def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
 
 def _untuned_ms(timer_fn, *args) -> float:
     """The same timing with FASTMOCO_TUNE=0: the fixed default launch config."""
-    saved = os.environ.get("FASTMOCO_TUNE")
-    os.environ["FASTMOCO_TUNE"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"FASTMOCO_TUNE": "0"}):
         return timer_fn(*args)
-    finally:
-        if saved is None:
-            os.environ.pop("FASTMOCO_TUNE")
-        else:
-            os.environ["FASTMOCO_TUNE"] = saved
 
 
 def _layernorm_tuning(M: int, C: int, has_branch: bool, fb: bool) -> dict:

@@ -163,6 +163,7 @@ def _tile_shapes(C: int) -> list[tuple[int, int]]:
     return shapes or [(1, 8 if block_c <= 8192 else 16)]
 
 
+@functools.cache  # this and candidate_configs run on every call: built once per width
 def _default_config(C: int, backward: bool) -> LayerNormConfig:
     block_c = _block_c(C)
     block_rows = max(1, _DEFAULT_TILE // block_c)
@@ -170,7 +171,8 @@ def _default_config(C: int, backward: bool) -> LayerNormConfig:
     return LayerNormConfig(block_rows, num_warps, 1, _DEFAULT_BWD_PROGRAMS_PER_SM if backward else 0)
 
 
-def candidate_configs(C: int, backward: bool) -> list[LayerNormConfig]:
+@functools.cache
+def candidate_configs(C: int, backward: bool) -> tuple[LayerNormConfig, ...]:
     """What the tuner tries for width C: the default, pipelined persistent grids, and (forward)
     one tile per program. The program count changes only the grid, not the compiled kernel: the
     backward tries several, since the registers its accumulators take (two fp32 tiles) decide how
@@ -183,7 +185,7 @@ def candidate_configs(C: int, backward: bool) -> list[LayerNormConfig]:
         else:
             configs += [LayerNormConfig(rows, warps)]
             configs += [LayerNormConfig(rows, warps, _PIPELINED_STAGES, programs) for programs in (4, 8)]
-    return list(dict.fromkeys(configs))
+    return tuple(dict.fromkeys(configs))
 
 
 def tuned_configs() -> dict:

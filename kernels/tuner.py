@@ -15,7 +15,7 @@ FASTMOCO_TUNE=0, the default config is used and nothing is timed.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Sequence
 
 import torch
 import triton
@@ -42,7 +42,7 @@ class Tuner:
     rep_ms: int = 20
     chosen: dict[Hashable, tuple[object, float]] = field(default_factory=dict)
 
-    def pick(self, key: Hashable, candidates: list, default, launch: Callable[[object], None],
+    def pick(self, key: Hashable, candidates: Sequence, default, launch: Callable[[object], None],
              probe: torch.Tensor):
         """The config to use for `key`; times `candidates` the first time a key is seen on a GPU."""
         if not tuning_enabled(probe):  # checked first: FASTMOCO_TUNE=0 gives the default even after tuning
