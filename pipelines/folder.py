@@ -116,6 +116,11 @@ def _check(path: str, verify: bool) -> str | None:
     return reason
 
 
+def list_classes(root: str | os.PathLike) -> list[str]:
+    """Class folder names of an ImageFolder root in label order (sorted; hidden folders left out)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 def scan_image_folder(root: str | os.PathLike, file_list: str | os.PathLike = "", *,
                       verify: bool = False, num_workers: int = 16) -> list[tuple[str, int]]:
     """(absolute path, label) of every usable image, in sorted (class, file) order.
@@ -146,7 +151,7 @@ def scan_image_folder(root: str | os.PathLike, file_list: str | os.PathLike = ""
                 continue
             candidates.append((str(path.resolve()), int(label)))
     else:
-        classes = sorted(e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith("."))
+        classes = list_classes(root_path)
         if not classes:
             raise DatasetError(f"image folder {str(root_path)!r} has no class folders "
                                "(expected root/<class>/<image>)")
