@@ -1,25 +1,35 @@
-"""Checkpoints that a crash during a save cannot destroy.
+"""Checkpoints that a crash during a save cannot destroy, and the run directory that holds them.
 
 Layout under `<out_dir>/checkpoints/`:
     step_00001200/            one complete checkpoint
         <DeepSpeed's files>   module (online + momentum encoder), optimizer, ZeRO shards
-        fastmoco_rank00000.pt fp32 momentum state (this rank's ZeRO-3 shards), RNG
-        COMPLETE              JSON: step, epoch, data position, world size, config
+        fastmoco_rank00000.pt fp32 momentum state (this rank's ZeRO-3 shards), RNG: tensors
+                              and numbers only, read with torch.load(weights_only=True)
+        COMPLETE              JSON: step, data position, run shape, config, and the manifest
+                              (every file of the checkpoint with its size)
     latest                    name of the newest complete checkpoint
     .staging/                 where a checkpoint is written before it is complete
+    .trash/                   where an older copy of a re-saved step waits to be deleted
 
 Every rank writes into `.staging/<tag>`; after a barrier rank 0 writes COMPLETE
 and renames the directory into place (atomic on one filesystem), then
-replaces `latest` atomically and prunes old checkpoints. A crash at any point
-leaves the previous complete checkpoint untouched, and `find_latest` only
-ever returns a directory with COMPLETE in it.
+replaces `latest` atomically and prunes old checkpoints. Re-saving a step that
+exists (a run resumed from an older checkpoint) renames the old copy into
+`.trash` first, renames the new one in, and only then deletes the old one, so
+`step_*` with COMPLETE always holds every file its manifest lists. A crash at
+any point leaves the previous complete checkpoint untouched; `find_latest`
+returns the newest checkpoint whose manifest files are all there, warning
+about any newer one it skips. A failed write (disk full) removes the staging
+directory on every rank and raises `CheckpointError` naming the path.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +37,23 @@ import torch
 import torch.distributed as dist
 
 STAGING = ".staging"
+TRASH = ".trash"
 MARKER = "COMPLETE"
+# What a run writes into logging.out_dir; a fresh run refuses a directory holding any of them.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.json")
+# Config keys that change what a run means: a resume with other values is refused (see config_changes).
+RESUME_MUST_MATCH = ("model", "moco", "data.source", "data.image_size", "data.synthetic_size", "data.seed",
+                     "seed", "schedule.epochs", "schedule.warmup_epochs")
+# Not config keys, but as binding: meta["run"] of the checkpoint vs the current run.
+RUN_SHAPE = ("global_batch", "steps_per_epoch", "world_size", "zero_stage")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run directory that cannot be written or used; the message names the path."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -35,62 +61,162 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _max_over_ranks(code: int) -> int:
+    """SYNC POINT (checkpoints only): the largest of every rank's `code`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    t = torch.tensor([code], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+# -- RNG state as tensors and numbers (loads with weights_only=True) ----------------------------------
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# -- writing -------------------------------------------------------------------------------------------
+_DISK_FULL, _OTHER_FAILURE = 2, 1
+
+
+def _failure_code(e: BaseException) -> int:
+    text = str(e)
+    # torch.save reports a full disk as "unexpected pos" / "iostream error" from its zip writer
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "unexpected pos" in text \
+            or "iostream" in text:
+        return _DISK_FULL
+    return _OTHER_FAILURE
+
+
+def _manifest(directory: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `directory`."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _replace_dir(new: Path, final: Path, trash: Path) -> None:
+    """Put `new` at `final`; an existing `final` is moved aside first and deleted last."""
+    if final.exists():
+        trash.mkdir(exist_ok=True)
+        aside = trash / final.name
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+        os.replace(new, final)
+        shutil.rmtree(aside)
+    else:
+        os.replace(new, final)
+
+
 def save(engine, ckpt_dir: str | Path, *, step: int, meta: dict, per_rank: dict, keep: int = 2) -> Path:
     """Write a checkpoint of `engine` plus fastmoco's state; returns its final path. Collective."""
     ckpt_dir = Path(ckpt_dir)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = _rank()
     tag = tag_for(step)
     staging = ckpt_dir / STAGING
-    if rank == 0:
-        shutil.rmtree(staging / tag, ignore_errors=True)  # debris of an earlier interrupted save
-        staging.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
-    torch.save({**per_rank, "rng": rng_state()}, staging / tag / f"fastmoco_rank{rank:05d}.pt")
-    _barrier()
     final = ckpt_dir / tag
-    if rank == 0:
-        _write_atomic(staging / tag / MARKER, json.dumps({"step": step, **meta}, indent=1))
-        if final.exists():  # same step saved before (e.g. a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(staging / tag, final)
-        _write_atomic(ckpt_dir / "latest", tag)
-        for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    code, error = 0, None
+    try:
+        if rank == 0:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # debris of an earlier interrupted save
+            staging.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        code, error = _failure_code(e), e
+    if not _max_over_ranks(code):  # collective: every rank takes the same branch
+        try:
+            engine.save_checkpoint(str(staging), tag=tag, save_latest=False)
+            torch.save({**per_rank, "rng": rng_state()}, staging / tag / f"fastmoco_rank{rank:05d}.pt")
+        except (OSError, RuntimeError) as e:
+            code, error = _failure_code(e), e
+    code = _max_over_ranks(code)
+    if not code and rank == 0:
+        try:
+            files = _manifest(staging / tag)
+            _write_atomic(staging / tag / MARKER, json.dumps({"step": step, **meta, "files": files}, indent=1))
+            _replace_dir(staging / tag, final, ckpt_dir / TRASH)
+            _write_atomic(ckpt_dir / "latest", tag)
+            for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as e:
+            code, error = _failure_code(e), e
+    code = _max_over_ranks(code)
+    if code:
+        if rank == 0:
+            shutil.rmtree(staging / tag, ignore_errors=True)  # a partial checkpoint must not keep the disk full
+        _barrier()
+        if code == _DISK_FULL:
+            raise CheckpointError(f"no space left on device while saving {final}; the previous checkpoint "
+                                  "is intact")
+        detail = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+        raise CheckpointError(f"could not write checkpoint {final} ({detail}); the previous checkpoint is intact")
     return final
 
 
+# -- finding and reading -------------------------------------------------------------------------------
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete fastmoco checkpoint (no {MARKER} file)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MARKER} is damaged: {e}") from None
+
+
+def problems(path: str | Path) -> list[str]:
+    """Why the complete checkpoint `path` cannot load: missing or short files of its manifest."""
+    path = Path(path)
+    try:
+        files = read_meta(path).get("files", {})
+    except CheckpointError as e:
+        return [str(e)]
+    found = []
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            found.append(f"missing {rel}")
+        elif f.stat().st_size != size:
+            found.append(f"{rel} has {f.stat().st_size} bytes, {size} were written")
+    return found
+
+
 def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints with a COMPLETE marker, oldest first (their files are not checked)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
@@ -98,25 +224,95 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def find_latest(ckpt_dir: str | Path) -> Path | None:
-    done = complete_checkpoints(ckpt_dir)
-    return done[-1] if done else None
+def find_latest(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint that has every file of its manifest; newer damaged ones
+    are skipped with a warning naming them."""
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        bad = problems(path)
+        if not bad:
+            return path
+        if warn:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            warnings.warn(f"skipping damaged checkpoint {path}: {bad[0]}{more}", RuntimeWarning, stacklevel=2)
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def config_changes(meta: dict, config: dict, run: dict, allow: tuple[str, ...] = ()) -> list[str]:
+    """What differs between the checkpoint's run (`meta`) and this one in a way that changes the
+    run's meaning: `RESUME_MUST_MATCH` config keys and the `RUN_SHAPE` values, unless in `allow`
+    (dotted keys, or run.<name>). One "key: saved -> now" line each."""
+    saved, now = _flatten(meta.get("config", {})), _flatten(config)
+    pairs = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+             if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)}
+    old_run = meta.get("run", {})
+    pairs.update({f"run.{k}": (old_run.get(k), run.get(k)) for k in RUN_SHAPE if k in old_run})
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in pairs.items()
+            if a != b and not any(k == p or k.startswith(p + ".") for p in allow)]
 
 
 def load(engine, path: str | Path) -> tuple[dict, dict]:
     """Load a complete checkpoint into `engine`; returns (meta, this rank's fastmoco state)."""
     path = Path(path)
-    if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"{path} is not a complete fastmoco checkpoint (no {MARKER} file)")
-    meta = json.loads((path / MARKER).read_text())
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    meta = read_meta(path)
+    bad = problems(path)
+    if bad:
+        raise CheckpointError(f"checkpoint {path} cannot load: {'; '.join(bad[:3])}")
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta.get("world_size", world) != world:
-        raise ValueError(f"{path} was written by {meta['world_size']} processes; this run has {world}")
+        raise CheckpointError(f"{path} was written by {meta['world_size']} processes; this run has {world}")
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
-    per_rank = torch.load(path / f"fastmoco_rank{rank:05d}.pt", map_location="cpu", weights_only=False)
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
+    own = path / f"fastmoco_rank{_rank():05d}.pt"
+    try:
+        per_rank = torch.load(own, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{own} is missing") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal: name the file
+        raise CheckpointError(f"{own} does not load as tensors and numbers only ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]})") from None
     set_rng_state(per_rank.pop("rng"))
     return meta, per_rank
+
+
+# -- the run directory ---------------------------------------------------------------------------------
+def prepare_out_dir(out_dir: str | Path, *, resume: str, overwrite: bool, remove: bool) -> list[str]:
+    """Check `out_dir` before anything slow: a directory this process can write into, and not
+    holding a previous run unless `resume` (continue it) or `overwrite` (delete that run's
+    RUN_FILES; done only where `remove`, i.e. on one rank). Returns what was removed."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"logging.out_dir {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"logging.out_dir {out} is not writable ({e.strerror or e})") from None
+    used = [name for name in RUN_FILES if (out / name).exists()]
+    if used == ["checkpoints"] and not any((out / "checkpoints").iterdir()):
+        used = []
+    if not used or resume:
+        return []
+    if not overwrite:
+        raise CheckpointError(
+            f"logging.out_dir {out} holds a previous run ({', '.join(used)}): pass --resume auto to continue "
+            "it, --overwrite to delete its checkpoints and metrics and start again, or choose another "
+            "logging.out_dir")
+    if remove:
+        for name in used:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return [str(out / name) for name in used]

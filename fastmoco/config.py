@@ -25,6 +25,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "vit_small"          # vit_test | vit_tiny | vit_small | vit_base | vit_large | vit_huge
     img_size: int = 224
+    init_from: str = ""              # initial weights: a fastmoco checkpoint, an official MoCo v3 .pth.tar
+                                     # or an exported backbone (.safetensors)
     frozen_patch_embed: bool = True  # MoCo v3's stability trick: random patch projection, not trained
     grad_checkpointing: bool = False  # activation checkpointing of transformer blocks
 
@@ -58,6 +60,7 @@ class DataConfig:
     num_threads: int = 8             # DALI CPU threads / torchvision workers
     synthetic_size: int = 256        # samples per epoch of the synthetic source
     seed: int = 0
+    max_bad_fraction: float = 0.01   # refuse the run when more of the files than this are unusable
 
 
 @dataclass
@@ -92,6 +95,22 @@ class CheckpointConfig:
     keep: int = 2                    # complete checkpoints kept on disk
 
 
+@dataclass
+class EvalConfig:
+    """The kNN monitor during pretraining (fastmoco/evaluation/monitor.py); off while train_path is ""."""
+    train_path: str = ""             # labelled ImageFolder: the kNN memory bank
+    val_path: str = ""               # labelled ImageFolder: the queries (classes a subset of train's)
+    train_list: str = ""             # optional file lists "<relative path> <label>" (as data.file_list)
+    val_list: str = ""
+    every_epochs: int = 0            # evaluate after every N epochs (0: only at the end)
+    at_start: bool = False           # also before the first step: the backbone at initialisation
+    encoder: str = "online"          # online (MoCo v3's choice) | momentum
+    k: list = field(default_factory=lambda: [20, 200])
+    temperature: float = 0.07
+    batch_size: int = 0              # per process; 0: the training micro batch
+    backend: str = ""                # dali | torchvision; "": data.backend
+
+
 def _default_deepspeed() -> dict:
     return {
         "train_micro_batch_size_per_gpu": 64,
@@ -111,6 +130,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: dict = field(default_factory=_default_deepspeed)  # passed to deepspeed.initialize as is
     seed: int = 0
 
@@ -213,11 +233,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path}: the root must be an object {{...}}, got {type(d).__name__}")
     d = {k: v for k, v in d.items() if k != "_comment"}  # JSON has no comments: one documented key
     base = to_dict(Config())
     _deep_merge(base, d, "")
     apply_overrides(base, overrides or [])
-    return from_dict(base)
+    cfg = from_dict(base)
+    validate(cfg)
+    return cfg
 
 
 def _deep_merge(base: dict, new: dict, prefix: str) -> None:
@@ -230,3 +254,128 @@ def _deep_merge(base: dict, new: dict, prefix: str) -> None:
             _deep_merge(base[k], v, path)
         else:
             base[k] = v
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks of every value whose type alone does not make it usable; the key is named.
+
+    (Choices that a module owns, such as data.source or optim.name, are checked there.)"""
+    m, mo, d, o, s, lg, ck = cfg.model, cfg.moco, cfg.data, cfg.optim, cfg.schedule, cfg.logging, cfg.checkpoint
+    _require(m.img_size >= 1, "model.img_size", m.img_size, ">= 1")
+    _require(mo.dim >= 1, "moco.dim", mo.dim, ">= 1")
+    _require(mo.mlp_dim >= 1, "moco.mlp_dim", mo.mlp_dim, ">= 1")
+    _require(mo.tau > 0, "moco.tau", mo.tau, "> 0")
+    _require(0 <= mo.momentum <= 1, "moco.momentum", mo.momentum, "in [0, 1]")
+    _require(d.image_size >= 1, "data.image_size", d.image_size, ">= 1")
+    _require(d.num_threads >= (0 if d.backend == "torchvision" else 1), "data.num_threads", d.num_threads,
+             ">= 1 (DALI threads; 0 only with data.backend torchvision: load in the main process)")
+    _require(d.synthetic_size >= 1, "data.synthetic_size", d.synthetic_size, ">= 1")
+    _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "in [0, 1]")
+    _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
+    _require(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                       for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
+    _require(o.eps > 0, "optim.eps", o.eps, "> 0")
+    _require(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
+    _require(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+             f"in [0, schedule.epochs = {s.epochs}]")
+    _require(s.max_steps >= 0, "schedule.max_steps", s.max_steps, ">= 0 (0: the whole schedule)")
+    _require(lg.out_dir.strip() != "", "logging.out_dir", lg.out_dir, "a non-empty path")
+    _require(lg.log_every >= 1, "logging.log_every", lg.log_every, ">= 1")
+    _require(lg.check_finite_every >= 1, "logging.check_finite_every", lg.check_finite_every, ">= 1")
+    _require(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, ">= 0 (0: only at epoch ends)")
+    _require(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, ">= 0 (0: never at epoch ends)")
+    _require(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys are looked up in it (get, [], in, keys() membership)."""
+
+    def __init__(self, *args, seen: set | None = None):
+        super().__init__(*args)
+        self.seen = set() if seen is None else seen
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _ReadKeysView(self)
+
+    def __copy__(self):
+        return _ReadKeys(self, seen=self.seen)
+
+
+class _ReadKeysView:
+    def __init__(self, d: _ReadKeys):
+        self.d = d
+
+    def __contains__(self, key):
+        return key in self.d
+
+    def __iter__(self):
+        return iter(dict.keys(self.d))
+
+    def __len__(self):
+        return len(self.d)
+
+
+# Keys of the deepspeed section that fastmoco itself reads or refuses with its own message
+# (fastmoco.train.resolve_deepspeed_config) before DeepSpeed sees the section.
+_FASTMOCO_DEEPSPEED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                            "optimizer", "scheduler")
+
+
+def validate_deepspeed(section: dict) -> None:
+    """Check the `deepspeed` section against DeepSpeed's own config parser.
+
+    DeepSpeed ignores keys it does not know, so a typo would silently change nothing: the
+    section is parsed by `deepspeed.runtime.config.DeepSpeedConfig` through a dict that
+    records every key DeepSpeed looks up, and a top-level key it never looked up is
+    refused. Nested sections that DeepSpeed models with pydantic (zero_optimization, bf16,
+    ...) reject their own unknown keys and bad values; those errors are reported with the
+    dotted key. Imports DeepSpeed (a few seconds), so it runs at training start, not in
+    `load_config`.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    probe = {k: v for k, v in section.items() if k not in _FASTMOCO_DEEPSPEED_KEYS}
+    micro = section.get("train_micro_batch_size_per_gpu", 2)
+    probe.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro, gradient_accumulation_steps=1)
+    if isinstance(probe.get("bf16"), dict) and probe["bf16"].get("enabled") == "auto":  # fastmoco resolves it
+        probe["bf16"] = {**probe["bf16"], "enabled": False}
+    tracked = _ReadKeys(probe)
+    try:
+        DeepSpeedConfig(tracked)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        title = e.title.replace("DeepSpeed", "").replace("Config", "").lower()
+        section_name = {"zero": "zero_optimization", "bf16": "bf16", "fp16": "fp16"}.get(title, title)
+        raise ConfigError(f"deepspeed.{section_name}.{where}: {err['msg']} (value {err.get('input')!r})") from None
+    except (ValueError, AssertionError, TypeError, KeyError) as e:
+        raise ConfigError(f"deepspeed: DeepSpeed rejects the section: {e}") from None
+    unknown = sorted(set(probe) - tracked.seen)
+    if unknown:
+        raise ConfigError(f"unknown config key deepspeed.{unknown[0]}: DeepSpeed {_deepspeed_version()} does not "
+                          "read it (a typo?)")
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__

@@ -4,11 +4,16 @@ Each step's loss is copied into a device buffer. Every `check_every` steps the
 buffer is checked for non-finite values (one sync for the window); every
 `log_every` steps its mean, reduced over ranks on the device, is logged: a
 progress bar, JSON lines (`metrics.jsonl`) and TensorBoard, all on rank 0.
+The last, partial window is logged by the final `flush`. A run that starts
+at `start_step` (a resume) first drops the records after that step from
+`metrics.jsonl` (rewritten atomically) and from TensorBoard (`purge_step`),
+so a run killed after its last checkpoint leaves no duplicate steps.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -43,13 +48,14 @@ class MetricLogger:
         self.bar = self.tb = None
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_records(self.path, start_step)
             if progress:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
-                    self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
+                    self.tb = SummaryWriter(str(Path(out_dir) / "tb"), purge_step=start_step + 1)
                 except ImportError:  # tensorboard is a dependency, but keep training without it
                     self.tb = None
 
@@ -64,22 +70,11 @@ class MetricLogger:
             self.flush(step, lr, momentum, epoch, log=step % self.log_every == 0)
 
     def flush(self, step: int, lr: float, momentum: float, epoch: int, log: bool = True) -> None:
-        """Check the window (SYNC POINT: once per window) and log it if asked."""
-        if self.n == 0:
-            return
-        window = self.losses[: self.n]
-        bad = (~torch.isfinite(window)).sum()
-        if dist.is_initialized():
-            dist.all_reduce(bad)
-        if bad.item():
-            local = window.cpu()
-            idx = [i for i, v in enumerate(local.tolist()) if not math.isfinite(v)]
-            i = idx[0] if idx else 0
-            raise NonFiniteLossError(self.first + i + 1, local[i].item() if idx else float("nan"))
-        self.loss_sum += window.sum()
-        self.first += self.n
-        self.n = 0
-        if not log:
+        """Check the window (SYNC POINT: once per window) and log the steps since the last
+        record if asked (also when the check already emptied the window)."""
+        if self.n:
+            self._check_window()
+        if not log or step <= self.log_first:
             return
         total = self.loss_sum.clone()
         if dist.is_initialized():
@@ -106,8 +101,65 @@ class MetricLogger:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", m=f"{momentum:.5f}",
                                  img_s=f"{img_s:.0f}", eta=f"{eta / 60:.1f}min")
 
+    def _check_window(self) -> None:
+        window = self.losses[: self.n]
+        bad = (~torch.isfinite(window)).sum()
+        if dist.is_initialized():
+            dist.all_reduce(bad)
+        if bad.item():
+            local = window.cpu()
+            idx = [i for i, v in enumerate(local.tolist()) if not math.isfinite(v)]
+            i = idx[0] if idx else 0
+            raise NonFiniteLossError(self.first + i + 1, local[i].item() if idx else float("nan"))
+        self.loss_sum += window.sum()
+        self.first += self.n
+        self.n = 0
+
+    def log_eval(self, step: int, epoch: int, knn: dict, seconds: float, split: str = "val") -> None:
+        """One evaluation record: {"step", "epoch", "eval": {"knn_top1@k", "knn_top5@k", "seconds"}}
+        in metrics.jsonl, `eval/...` in TensorBoard, the k=first top-1 on the progress bar (rank 0)."""
+        if self.rank != 0:
+            return
+        rec = {f"knn_top{t}@{k}": acc[i] for k, acc in knn.items() for i, t in enumerate((1, 5))}
+        rec["seconds"] = seconds
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "eval": rec, "split": split,
+                                "time": time.time()}) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                self.tb.add_scalar(f"eval/{k}", v, step)
+        line = (f"step {step}: kNN on {split} " + ", ".join(f"k={k} top-1 {a[0]:.2f}%" for k, a in knn.items())
+                + f" ({seconds:.1f} s)")
+        if self.bar is not None:
+            k = next(iter(knn))
+            self.bar.set_postfix_str(f"knn@{k} {knn[k][0]:.1f}%", refresh=True)
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def truncate_records(path: Path, last_step: int) -> None:
+    """Keep only the records of `path` (JSON lines) with step <= `last_step`; a line torn by a
+    kill is dropped too. Rewritten atomically, and only when something goes."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
+            keep.append(line)
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

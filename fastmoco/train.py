@@ -5,8 +5,16 @@
     python fastmoco/train.py --config configs/tiny.json --optim.base_lr 1e-4   # one process
 
 Dotted options after --config override the JSON (see fastmoco/config.py).
-`--resume auto` continues from the newest complete checkpoint in
-<logging.out_dir>/checkpoints, `--resume DIR` from that one.
+`--resume auto` continues from the newest loadable checkpoint in
+<logging.out_dir>/checkpoints (or starts when there is none), `--resume DIR`
+from that one. A fresh run refuses an out_dir that holds a previous run unless
+`--overwrite` (which deletes that run's checkpoints, metrics.jsonl, tb/ and
+config.json, and says so). A resume refuses a config that changes the run's
+meaning (fastmoco.checkpoint.RESUME_MUST_MATCH, global batch, steps per epoch,
+world size, ZeRO stage), naming the key and both values, unless
+`--allow-change KEY` (repeatable; e.g. schedule.epochs to train longer).
+SIGTERM / SIGINT save a checkpoint at the next agreed step boundary and exit 0
+(fastmoco/preemption.py).
 """
 from __future__ import annotations
 
@@ -22,9 +30,11 @@ from pathlib import Path
 import torch
 
 from fastmoco import checkpoint
-from fastmoco.config import Config, ConfigError, load_config, to_dict
+from fastmoco.checkpoint import CheckpointError
+from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.moco import MoCo
+from fastmoco.preemption import Preemption, exit_with_parent
 from fastmoco.schedules import build_schedules
 
 
@@ -32,6 +42,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config file")
     p.add_argument("--resume", default="", help="'auto' or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an out_dir holding a previous run: delete its checkpoints, "
+                        "metrics.jsonl, tb/ and config.json first")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume although config KEY (dotted, or run.global_batch / run.steps_per_epoch / "
+                        "run.zero_stage) differs from the checkpoint's; repeatable")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_known_args(argv)
 
@@ -86,7 +102,8 @@ def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
 class Trainer:
     """Owns the engine, data, schedules and logging; `fit()` is the loop."""
 
-    def __init__(self, cfg: Config, resume: str = ""):
+    def __init__(self, cfg: Config, resume: str = "", allow_change: tuple[str, ...] = (),
+                 preempt: Preemption | None = None):
         import deepspeed
 
         self.cfg = cfg
@@ -112,6 +129,13 @@ class Trainer:
         self.loader = build_loader(cfg.data, batch_size=self.micro, shard_id=self.rank, num_shards=self.world,
                                    device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.steps_per_epoch = len(self.loader)
+        # The kNN monitor's folders are checked now too (None when the config has no eval section).
+        from fastmoco.evaluation.monitor import KnnMonitor
+        self.monitor = KnnMonitor.from_config(cfg, micro_batch=self.micro, device=self.device,
+                                              dtype=torch.bfloat16 if self.bf16 else torch.float32, bf16=self.bf16)
+        self.knn_history: list[tuple[int, dict]] = []
+        # Before the model: a resume that would change the run's meaning is refused now.
+        resume_path = self._resume_path(resume, allow_change) if resume else None
         self.sched = build_schedules(base_lr=cfg.optim.base_lr, global_batch=self.global_batch,
                                      epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
                                      steps_per_epoch=self.steps_per_epoch, m0=cfg.moco.momentum,
@@ -122,7 +146,11 @@ class Trainer:
         self.momentum_dev = self.sched.momentum.to(self.device, torch.float32)
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = MoCo.from_config(cfg.model, cfg.moco).to(self.device)
+        model = MoCo.from_config(cfg.model, cfg.moco)
+        if cfg.model.init_from:
+            from fastmoco.evaluation.weights import init_from
+            init_from(model, cfg.model.init_from)
+        model = model.to(self.device)
         fp32_momentum = [p.detach().clone() for p in model.momentum_encoder.parameters()] if self.bf16 else None
         params = [p for p in model.parameters() if p.requires_grad]
         o = cfg.optim
@@ -137,15 +165,29 @@ class Trainer:
 
         self.step, self.epoch, self.resumed_data = 0, 0, None
         self.saved_step = -1
-        if resume:
-            self._resume(resume)
+        self.preempt = preempt or Preemption(every=cfg.logging.check_finite_every)
+        if resume_path is not None:
+            self._resume(resume_path)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def _resume(self, resume: str) -> None:
+    def _run_shape(self) -> dict:
+        return {"global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world, "zero_stage": self.zero_stage}
+
+    def _resume_path(self, resume: str, allow_change: tuple[str, ...]) -> Path | None:
+        """The checkpoint to resume from, after comparing its run with this one."""
         path = checkpoint.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
-            self._print(f"--resume auto: no complete checkpoint in {self.ckpt_dir}; starting from scratch")
-            return
+            self._print(f"--resume auto: no loadable checkpoint in {self.ckpt_dir}; starting from scratch")
+            return None
+        changes = checkpoint.config_changes(checkpoint.read_meta(path), to_dict(self.cfg), self._run_shape(),
+                                            allow=tuple(allow_change))
+        if changes:
+            raise ConfigError(f"cannot resume from {path}: this run differs in " + "; ".join(changes)
+                              + " (pass --allow-change KEY to accept a change on purpose)")
+        return path
+
+    def _resume(self, path: Path) -> None:
         meta, state = checkpoint.load(self.engine, path)
         self.model.momentum_state.load_state_dict(state["momentum"])
         self.step, self.epoch = meta["step"], meta["data"]["epoch"]
@@ -169,7 +211,7 @@ class Trainer:
         data = self.loader.state_dict()
         if data["step"] >= len(self.loader):  # a finished epoch resumes at the start of the next
             data = {"epoch": data["epoch"] + 1, "step": 0}
-        meta = {"data": data, "world_size": self.world, "config": to_dict(self.cfg)}
+        meta = {"data": data, "world_size": self.world, "run": self._run_shape(), "config": to_dict(self.cfg)}
         per_rank = {"momentum": self.model.momentum_state.state_dict()}
         path = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, meta=meta, per_rank=per_rank,
                                keep=self.cfg.checkpoint.keep)
@@ -190,7 +232,7 @@ class Trainer:
         c = self.cfg
         total = self.sched.total_steps
         stop = min(total, c.schedule.max_steps) if c.schedule.max_steps > 0 else total
-        self.last_checkpoint = checkpoint.find_latest(self.ckpt_dir)
+        self.last_checkpoint = checkpoint.find_latest(self.ckpt_dir, warn=False)
         log = MetricLogger(self.out_dir, log_every=c.logging.log_every, check_every=c.logging.check_finite_every,
                            total_steps=stop, global_batch=self.global_batch, device=self.device, rank=self.rank,
                            tensorboard=c.logging.tensorboard, progress=c.logging.progress, start_step=self.step)
@@ -198,8 +240,11 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(c), indent=1))
         self.engine.train()
+        stopped = False
+        if self.monitor is not None and self.monitor.at_start and self.step == 0:
+            self.evaluate(log)
         try:
-            while self.step < stop and self.epoch < c.schedule.epochs:
+            while self.step < stop and self.epoch < c.schedule.epochs and not stopped:
                 if self.resumed_data is None:
                     self.loader.set_epoch(self.epoch)
                 self.resumed_data = None
@@ -207,6 +252,9 @@ class Trainer:
                     log.record(self.train_step(x1, x2))
                     self.step += 1
                     log.after_step(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+                    if self.preempt.stop_agreed(self.step):  # SIGTERM/SIGINT on some rank
+                        stopped = True
+                        break
                     every = c.checkpoint.every_steps
                     if (every and self.step % every == 0) or self.step == stop:
                         log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch,
@@ -221,14 +269,50 @@ class Trainer:
                         log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1],
                                   self.epoch, log=False)
                         self.save()
-        except NonFiniteLossError as e:
+                    if self.monitor is not None and self.monitor.due(self.epoch):
+                        self.evaluate(log)
+            if stopped and self.saved_step != self.step:
+                log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch, log=False)
+                self.save()
+        except (NonFiniteLossError, CheckpointError) as e:
             log.close()
             where = self.last_checkpoint or "none written yet"
             raise SystemExit(f"fastmoco: {e}; stopping. Last good checkpoint: {where}") from None
-        log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+        if self.step:
+            log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+        if self.monitor is not None and not stopped and (not self.knn_history or self.knn_history[-1][0] != self.step):
+            self.evaluate(log)
         log.close()
+        if stopped:
+            why = self.preempt.received or "a signal on another rank"
+            self._print(f"fastmoco: stopped by {why} at step {self.step}; checkpoint: {self.last_checkpoint}")
+            return
         self._print(f"done: {self.step} steps\ncheckpoint: {self.last_checkpoint}\n"
                     f"metrics: {self.out_dir / 'metrics.jsonl'}")
+        if self.knn_history:
+            self._print(self.knn_summary())
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, log: MetricLogger) -> dict:
+        """The kNN monitor on the current weights (collective); logged, and kept for the summary."""
+        result, seconds = self.monitor.evaluate(self.model)
+        self.knn_history.append((self.step, result))
+        log.log_eval(self.step, self.epoch, result, seconds, split=self.monitor.val_split.path)
+        return result
+
+    def knn_summary(self) -> str:
+        """The first and the last kNN evaluation side by side, one line per k."""
+        (s0, first), (s1, last) = self.knn_history[0], self.knn_history[-1]
+        what = f"kNN accuracy of the {self.monitor.encoder} backbone on {self.monitor.val_split.path}"
+        label0 = "at initialisation" if s0 == 0 else f"at step {s0}"
+        lines = [f"{what} (weighted, T={self.monitor.temperature}):"]
+        if s0 == s1:
+            return "\n".join(lines + [f"  k={k:<4d} top-1 {a[0]:6.2f}%  top-5 {a[1]:6.2f}% after step {s1}"
+                                     for k, a in last.items()])
+        for k in last:
+            lines.append(f"  k={k:<4d} top-1 {first[k][0]:6.2f}% {label0} -> {last[k][0]:6.2f}% after step {s1}"
+                         f"   (top-5 {first[k][1]:.2f}% -> {last[k][1]:.2f}%)")
+        return "\n".join(lines)
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:
@@ -239,16 +323,33 @@ def main(argv: list[str] | None = None) -> None:
     # torch.distributed's deprecation notices, printed by DeepSpeed's calls on every rank and step
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args, overrides = parse_args(argv)
+    launched = "LOCAL_RANK" in os.environ   # by torchrun / deepspeed: die with the launcher
     try:
         cfg = load_config(args.config, overrides)
+        validate_deepspeed(cfg.deepspeed)
     except ConfigError as e:
         raise SystemExit(f"fastmoco: config error: {e}") from None
     fill_single_process_env()
+    if launched:
+        exit_with_parent()
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        removed = checkpoint.prepare_out_dir(cfg.logging.out_dir, resume=args.resume, overwrite=args.overwrite,
+                                             remove=os.environ["RANK"] == "0")
+    except CheckpointError as e:
         raise SystemExit(f"fastmoco: {e}") from None
-    trainer.fit()
+    if removed and os.environ["RANK"] == "0":
+        print(f"--overwrite: removed the previous run's {', '.join(removed)}", flush=True)
+    # From here SIGTERM/SIGINT mean: save at the next step boundary (one during start-up too).
+    preempt = Preemption(every=cfg.logging.check_finite_every).install()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, allow_change=tuple(args.allow_change), preempt=preempt)
+    except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
+        raise SystemExit(f"fastmoco: {e}") from None
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        raise SystemExit(f"fastmoco: interrupted twice; not saved. Last checkpoint: {trainer.last_checkpoint}") \
+            from None
 
 
 if __name__ == "__main__":
