@@ -27,14 +27,6 @@ def _rand(shape, device, dtype, seed, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
-def sdpa_from_qkv(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """timm's Attention around F.scaled_dot_product_attention (the peer's attention), from qkv."""
-    B, N, C3 = qkv.shape
-    D = C3 // (3 * num_heads)
-    q, k, v = qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, num_heads * D)
-
-
 def sdpa_pure_inputs(B, N, H, D, device, dtype, seed):
     """Contiguous (B, H, N, D) q, k, v: SDPA's best case, no layout copies around it."""
     return tuple(_rand((B, H, N, D), device, dtype, seed + i, True) for i in range(3))
@@ -78,6 +70,20 @@ class _Timer:
 
         return measure(step, self.device, self.warmup, self.steps, self.repeats).ms
 
+    @staticmethod
+    def do_bench(fn, args, wrt=None) -> float:
+        """The same call timed by `triton.testing.do_bench` (its own warm-up, L2 flush and median) on
+        one input set: forward, or with `wrt` forward + backward. A second opinion on `measure`."""
+        import triton
+
+        if wrt is None:
+            with torch.no_grad():
+                return triton.testing.do_bench(lambda: fn(*args))
+        out = fn(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = tuple(torch.randn_like(o) for o in outs)
+        return triton.testing.do_bench(lambda: torch.autograd.grad(fn(*args), [args[j] for j in wrt], grads))
+
 
 UNITS = {"tflops": 1e12, "gbps": 1e9}  # work per second -> the unit
 
@@ -112,7 +118,7 @@ def _autotune_summary(autotuner, prefix: str) -> dict:
 
 def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
     from fastmoco.kernels import attention as attention_module
-    from fastmoco.kernels.attention import attention, attention_ref
+    from fastmoco.kernels.attention import attention, attention_ref, attention_sdpa
 
     out = []
     for B, N, H, D in cfg["attention"]:
@@ -125,18 +131,26 @@ def bench_attention(cfg, t: _Timer, device, dtype) -> list[dict]:
             if fb:
                 k = t.fwd_bwd(attention, inputs, (0,))
                 r = t.fwd_bwd(attention_ref, inputs, (0,))
-                s = t.fwd_bwd(sdpa_from_qkv, inputs, (0,)) if device.type == "cuda" else None
+                s = t.fwd_bwd(attention_sdpa, inputs, (0,)) if device.type == "cuda" else None
                 p = t.fwd_bwd(sdpa_flash, pure, (0, 1, 2)) if device.type == "cuda" else None
             else:
                 k = t.fwd(attention, inputs)
                 r = t.fwd(attention_ref, inputs)
-                s = t.fwd(sdpa_from_qkv, inputs) if device.type == "cuda" else None
+                s = t.fwd(attention_sdpa, inputs) if device.type == "cuda" else None
                 p = t.fwd(sdpa_flash, pure) if device.type == "cuda" else None
             extra = {}
             if s:  # timm's way (from qkv, with its layout copies) and SDPA flash alone on contiguous inputs
                 flops = fwd_flops * (3 if fb else 1)
                 extra = {"sdpa_qkv_ms": s, "speedup_vs_sdpa_qkv": s / k, "sdpa_flash_ms": p,
                          "sdpa_flash_tflops": flops / (p / 1e3) / 1e12, "speedup_vs_sdpa_flash": p / k}
+                # The same calls on the same inputs timed by triton's do_bench (issue 12: the two timers
+                # disagreed about SDPA); what `ops.attention`'s "auto" chose at this shape.
+                wrt = (0,) if fb else None
+                extra.update({"do_bench_kernel_ms": t.do_bench(attention, inputs[0], wrt),
+                              "do_bench_sdpa_qkv_ms": t.do_bench(attention_sdpa, inputs[0], wrt),
+                              "do_bench_sdpa_flash_ms": t.do_bench(sdpa_flash, pure[0], (0, 1, 2) if fb else None)})
+                if fb:
+                    extra["auto_chose"] = "kernel" if attention_module.kernel_faster(inputs[0][0], H) else "sdpa"
                 # Each head dim has its own autotuners, and this shape's were the last tuned.
                 extra.update(_autotune_summary(attention_module._bwd_kernel(D) if fb else attention_module._fwd_kernel(D),
                                                "bwd" if fb else "fwd"))

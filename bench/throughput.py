@@ -149,6 +149,10 @@ def kernels_table(recs: list[dict], markdown: bool) -> str:
             other.append(f"sdpa flash {m['sdpa_flash_ms']:.3f} ms = {m['sdpa_flash_tflops']:.0f} TFLOP/s "
                          f"(kernel {m['speedup_vs_sdpa_flash']:.2f}x); timm-style sdpa from qkv "
                          f"{m['sdpa_qkv_ms']:.3f} ms ({m['speedup_vs_sdpa_qkv']:.2f}x)")
+        if m.get("do_bench_kernel_ms"):
+            other.append(f"do_bench: kernel {m['do_bench_kernel_ms']:.3f} ms, sdpa from qkv "
+                         f"{m['do_bench_sdpa_qkv_ms']:.3f} ms, sdpa flash {m['do_bench_sdpa_flash_ms']:.3f} ms"
+                         + (f"; auto runs {m['auto_chose']}" if m.get("auto_chose") else ""))
         for d in ("fwd", "bwd"):  # autotuned attention: its choice, best padded vs split head dim
             if m.get(f"{d}_best_split_ms") is not None:
                 other.append(f"{d} autotune: best padded {_fmt(m.get(f'{d}_best_padded_ms'), '.3f')} ms, "

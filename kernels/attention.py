@@ -37,15 +37,20 @@ upcast to fp32 right after loading and stores are rounded by hand (the
 `IS_INTERPRETER` flag).
 
 Reference: `attention_ref` below (unfused matmul -> fp32 softmax -> matmul).
+`attention_sdpa` is torch's fused attention (SDPA) from the same qkv, the
+"torch" side of the ops switch's "auto": `kernel_faster` answers, per shape,
+which of the two runs (timed once on the GPU, `kernels/tuner.py`).
 """
 import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .interpreter import cast_rtne, interpreting
+from .tuner import Tuner, fwd_bwd_launch, kernel_or_torch
 
 
 @triton.jit
@@ -437,3 +442,34 @@ def attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     scores = (q * D ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
     p = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
     return (p @ v).transpose(1, 2).reshape(B, N, num_heads * D)
+
+
+def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """torch's fused attention as timm calls it: qkv (B, N, 3*H*D) -> (B, N, H*D), with the layout
+    copies around F.scaled_dot_product_attention that the model would pay."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, num_heads * D)
+
+
+# "auto" on CUDA: kernel or SDPA per (B, N, H, D, dtype), timed once (`kernel_or_torch`).
+# Untimed (FASTMOCO_TUNE=0): the head dims where the kernel measured faster forward + backward
+# than SDPA flash on an H100 with the bench's timer (bench/RESULTS.md, 2026-11-22, bf16: D=64
+# 1.40x, D=80 1.18x; issue 12 questions the D=64 figure: the bench now reports do_bench too).
+AUTO_HEAD_DIMS = frozenset({64, 80})
+_DISPATCH = Tuner("attention dispatch")
+
+
+def kernel_faster(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether the kernel beats `attention_sdpa` forward + backward on CUDA qkv of this shape."""
+    B, N, D = _split_heads(qkv, num_heads)
+    key = (qkv.device.index, B, N, num_heads, D, qkv.dtype)
+
+    def make_launch():  # fresh tensors of qkv's shape, made only when timing
+        g = torch.Generator(device=qkv.device).manual_seed(0)
+        x = torch.randn(qkv.shape, generator=g, device=qkv.device).to(qkv.dtype).requires_grad_()
+        grad = torch.randn((B, N, num_heads * D), generator=g, device=qkv.device).to(qkv.dtype)
+        return fwd_bwd_launch({"kernel": attention, "torch": attention_sdpa}, [x], [grad], num_heads)
+
+    return kernel_or_torch(_DISPATCH, key, D in AUTO_HEAD_DIMS, qkv, make_launch)

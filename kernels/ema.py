@@ -1,16 +1,14 @@
 """Momentum-encoder update (EMA): momentum <- m * momentum + (1 - m) * online.
 
-What is fused: the EMA of every momentum-encoder parameter in ONE launch, the
-read of `m` from a device tensor (no host sync: the update can sit in a
-captured CUDA graph), and, in the same pass, the bf16 copy of the updated
-weights that the momentum encoder's bf16 forward uses. Two forms:
-
-  (a) `ema_flat_`: flat buffers, one elementwise kernel;
-  (b) `ema_multi_`: arbitrary tensor lists (module parameters, ZeRO-3 shard
-      lists), one kernel over a table of data pointers, sizes and per-program
-      (tensor index, start) pairs, the way apex's multi_tensor_apply chunks its
-      lists. The table is built once per set of data pointers and cached on
-      the device, so a step does no host->device copy.
+What is fused (`ema_multi_`): the EMA of every momentum-encoder parameter in
+ONE launch over arbitrary tensor lists (module parameters, ZeRO-3 shard
+lists), the read of `m` from a device tensor (no host sync: the update can sit
+in a captured CUDA graph), and, in the same pass, the bf16 copy of the updated
+weights that the momentum encoder's bf16 forward uses. The kernel walks a
+table of data pointers, sizes and per-program (tensor index, start) pairs, the
+way apex's multi_tensor_apply chunks its lists; the table is built once per
+set of data pointers and cached on the device, so a step does no host->device
+copy.
 
 The state is fp32: with m = 0.99999 a bf16 weight could not absorb an update
 of size (1 - m) * (online - momentum). The arithmetic is fp32; online weights
@@ -23,8 +21,10 @@ pointer as a host address, so addresses read from the table and cast with
 interpreter they would not be: arguments are copied to the host, table
 entries would still be device addresses. The launcher refuses that case.)
 
-References: `ema_ref_` (the official per-parameter loop) and `ema_foreach_`
-(multi-tensor, the CPU path).
+The other paths, chosen by the ops switch (`fastmoco.ops.ema_update_`):
+`ema_foreach_` (torch multi-tensor ops: the CPU path) and `ema_apex_` (apex's
+amp_C, when `use_apex` says so). Reference: `ema_ref_` (the official
+per-parameter loop).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .interpreter import cast_rtne, interpreting
+
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps, 4 x 128-bit fp32 loads
 NUM_WARPS = 8
 _ALIGN_BYTES = 16  # a 128-bit vector access needs a 16-byte aligned address
@@ -42,22 +43,12 @@ _PLAN_CACHE_SIZE = 8  # momentum/online/shard sets kept; each entry holds only i
 # apex's amp_C.multi_tensor_axpby takes m as a host float (a sync per step) and cannot
 # write the bf16 copy in the same pass; off unless a bench on the target GPU says otherwise.
 USE_APEX = os.environ.get("FASTMOCO_EMA_APEX", "0") == "1"
+_APEX_CHUNK = 2048 * 32  # elements per chunk of apex's multi_tensor_apply (its default)
 
 
 @triton.jit
-def _to_bf16_rtne(x):
-    """fp32 -> bf16, round to nearest even, in integer arithmetic. The GPU's own
-    cast rounds the same way; the interpreter's truncates, so the copy would not
-    be the bit-exact `momentum.to(bfloat16)` under test. A few integer ops in a
-    bandwidth-bound kernel cost nothing."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits += 0x7FFF + ((bits >> 16) & 1)
-    y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return tl.where(x == x, y, x.to(tl.bfloat16))  # NaN stays NaN (the carry could make it inf)
-
-
-@triton.jit
-def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr, HAS_OUT: tl.constexpr):
+def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr, HAS_OUT: tl.constexpr,
+               IS_INTERPRETER: tl.constexpr):
     """One block: fp32 EMA, optional bf16 copy. The full-block branch carries no
     mask so the accesses vectorise; only a tensor's last block is masked."""
     if IS_FULL:
@@ -71,30 +62,11 @@ def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr,
     if IS_FULL:
         tl.store(mom_ptr + offs, w)
         if HAS_OUT:
-            tl.store(out_ptr + offs, _to_bf16_rtne(w))
+            tl.store(out_ptr + offs, cast_rtne(w, tl.bfloat16, IS_INTERPRETER))
     else:
         tl.store(mom_ptr + offs, w, mask=mask)
         if HAS_OUT:
-            tl.store(out_ptr + offs, _to_bf16_rtne(w), mask=mask)
-
-
-@triton.jit
-def _ema_flat_kernel(
-    mom_ptr,  # (numel,) fp32, updated in place
-    onl_ptr,  # (numel,) fp32 or bf16
-    out_ptr,  # (numel,) bf16 copy of the updated momentum (unused unless HAS_OUT)
-    m_ptr,  # () fp32 momentum coefficient
-    numel,
-    BLOCK: tl.constexpr,
-    HAS_OUT: tl.constexpr,
-):
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    m = tl.load(m_ptr).to(tl.float32)
-    if start + BLOCK <= numel:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT)
-    else:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT)
+            tl.store(out_ptr + offs, cast_rtne(w, tl.bfloat16, IS_INTERPRETER), mask=mask)
 
 
 @triton.jit
@@ -109,6 +81,7 @@ def _ema_multi_kernel(
     IS_ONLINE_BF16: tl.constexpr,
     HAS_OUT: tl.constexpr,
     IS_ALIGNED: tl.constexpr,  # every address 16-byte aligned: vector accesses allowed
+    IS_INTERPRETER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(blk_tab + pid)
@@ -130,9 +103,9 @@ def _ema_multi_kernel(
     offs = start + tl.arange(0, BLOCK)
     m = tl.load(m_ptr).to(tl.float32)
     if start + BLOCK <= numel:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT)
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT, IS_INTERPRETER)
     else:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT)
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT, IS_INTERPRETER)
 
 
 def _as_m(m, device: torch.device) -> torch.Tensor:
@@ -146,38 +119,8 @@ def _as_m(m, device: torch.device) -> torch.Tensor:
 
 
 def _check_launchable(t: torch.Tensor) -> None:
-    if _INTERPRET and t.is_cuda:
+    if interpreting() and t.is_cuda:
         raise RuntimeError("TRITON_INTERPRET=1 runs kernels on CPU tensors only")
-
-
-@torch.no_grad()
-def ema_flat_(momentum_flat: torch.Tensor, online_flat: torch.Tensor, m, bf16_out: torch.Tensor | None = None) -> None:
-    """Form (a): one elementwise kernel over flat buffers (any shape, contiguous).
-
-    momentum_flat fp32 (updated in place); online_flat fp32 or bf16; m a 0-dim
-    fp32 tensor on the same device, read in the kernel; bf16_out, if given, a
-    bf16 buffer of the same numel that receives the updated momentum.
-    """
-    if momentum_flat.dtype != torch.float32:
-        raise TypeError(f"momentum state must be fp32, got {momentum_flat.dtype}")
-    if online_flat.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"online weights must be fp32 or bf16, got {online_flat.dtype}")
-    if online_flat.numel() != momentum_flat.numel():
-        raise ValueError(f"numel mismatch: momentum {momentum_flat.numel()}, online {online_flat.numel()}")
-    for t in (momentum_flat, online_flat) + ((bf16_out,) if bf16_out is not None else ()):
-        if not t.is_contiguous():
-            raise ValueError("ema_flat_ needs contiguous buffers")
-    if bf16_out is not None and (bf16_out.dtype != torch.bfloat16 or bf16_out.numel() != momentum_flat.numel()):
-        raise ValueError("bf16_out must be a bf16 buffer with the momentum's numel")
-    _check_launchable(momentum_flat)
-    numel = momentum_flat.numel()
-    if numel == 0:
-        return
-    m = _as_m(m, momentum_flat.device)
-    out = bf16_out if bf16_out is not None else momentum_flat  # never written when HAS_OUT is False
-    grid = (triton.cdiv(numel, BLOCK),)
-    _ema_flat_kernel[grid](momentum_flat, online_flat, out, m, numel,
-                           BLOCK=BLOCK, HAS_OUT=bf16_out is not None, num_warps=NUM_WARPS)
 
 
 class _MultiPlan:
@@ -246,7 +189,7 @@ def _check_lists(momentum, online, bf16_out) -> None:
 @torch.no_grad()
 def ema_multi_(momentum_list: list[torch.Tensor], online_list: list[torch.Tensor], m,
                bf16_out_list: list[torch.Tensor] | None = None) -> None:
-    """Form (b): ONE launch over arbitrary tensor lists (apex multi_tensor_apply style).
+    """ONE launch over arbitrary tensor lists (apex multi_tensor_apply style).
 
     momentum_list fp32 (updated in place); online_list all bf16 or all fp32,
     same numels; bf16_out_list, if given, bf16 tensors that receive the updated
@@ -266,7 +209,8 @@ def ema_multi_(momentum_list: list[torch.Tensor], online_list: list[torch.Tensor
     _ema_multi_kernel[(plan.B,)](
         plan.ptr_tab, plan.numel_tab, plan.blk_tab, m, plan.T, plan.B,
         BLOCK=BLOCK, IS_ONLINE_BF16=online_list[0].dtype == torch.bfloat16,
-        HAS_OUT=bf16_out_list is not None, IS_ALIGNED=plan.is_aligned, num_warps=NUM_WARPS)
+        HAS_OUT=bf16_out_list is not None, IS_ALIGNED=plan.is_aligned, IS_INTERPRETER=interpreting(),
+        num_warps=NUM_WARPS)
 
 
 def _apex_axpby():
@@ -289,39 +233,14 @@ def ema_apex_(momentum: list[torch.Tensor], online: list[torch.Tensor], m, bf16_
         raise RuntimeError("apex amp_C is not installed")
     mf = float(m)  # host sync (see docstring)
     noop = torch.zeros(1, dtype=torch.int32, device=momentum[0].device)
-    axpby(2048 * 32, noop, [list(online), list(momentum), list(momentum)], 1.0 - mf, mf, -1)
+    axpby(_APEX_CHUNK, noop, [list(online), list(momentum), list(momentum)], 1.0 - mf, mf, -1)
     if bf16_out is not None:
         torch._foreach_copy_(bf16_out, momentum)
 
 
-@torch.no_grad()
-def ema_update_(momentum, online, m, bf16_out=None, *, use_kernel: bool | None = None) -> None:
-    """The EMA the model calls. Tensors: flat buffers (form a); lists: form (b).
-
-    use_kernel None: the Triton kernel when the tensors are on CUDA, else
-    `ema_foreach_` (plus a copy into bf16_out). True forces the kernel (CPU
-    tests under TRITON_INTERPRET=1). With USE_APEX (env FASTMOCO_EMA_APEX=1)
-    and apex importable, CUDA lists go through `ema_apex_` instead.
-    """
-    is_flat = isinstance(momentum, torch.Tensor)
-    first = momentum if is_flat else (momentum[0] if len(momentum) else None)
-    if first is None:
-        return
-    if use_kernel is None:
-        use_kernel = first.is_cuda
-    if use_kernel:
-        if is_flat:
-            ema_flat_(momentum, online, m, bf16_out)
-        elif USE_APEX and first.is_cuda and _apex_axpby() is not None:
-            ema_apex_(momentum, online, m, bf16_out)
-        else:
-            ema_multi_(momentum, online, m, bf16_out)
-        return
-    momentum_l = [momentum] if is_flat else list(momentum)
-    online_l = [online] if is_flat else list(online)
-    ema_foreach_(momentum_l, online_l, _as_m(m, first.device))
-    if bf16_out is not None:
-        torch._foreach_copy_([bf16_out] if is_flat else list(bf16_out), momentum_l)
+def use_apex(t: torch.Tensor) -> bool:
+    """Whether the switch's kernel path takes apex instead: FASTMOCO_EMA_APEX=1, CUDA, apex installed."""
+    return USE_APEX and t.is_cuda and _apex_axpby() is not None
 
 
 def ema_ref_(momentum: list[torch.Tensor], online: list[torch.Tensor], m) -> None:
@@ -331,9 +250,15 @@ def ema_ref_(momentum: list[torch.Tensor], online: list[torch.Tensor], m) -> Non
 
 
 @torch.no_grad()
-def ema_foreach_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor) -> None:
-    """Multi-tensor EMA; `m` a 0-dim tensor on the params' device (no host sync)."""
-    if online and online[0].dtype != momentum[0].dtype:
+def ema_foreach_(momentum: list[torch.Tensor], online: list[torch.Tensor], m, bf16_out=None) -> None:
+    """Multi-tensor EMA in torch ops, then (optionally) bf16_out <- momentum; `m` a float or a 0-dim
+    tensor on the params' device (no host sync)."""
+    if not momentum:
+        return
+    m = _as_m(m, momentum[0].device)
+    if online[0].dtype != momentum[0].dtype:
         online = [p.to(momentum[0].dtype) for p in online]
     torch._foreach_mul_(momentum, m)
     torch._foreach_add_(momentum, torch._foreach_mul(online, 1 - m))
+    if bf16_out is not None:
+        torch._foreach_copy_(list(bf16_out), list(momentum))

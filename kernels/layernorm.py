@@ -26,7 +26,8 @@ All arithmetic is fp32 (loads are upcast at once, which the Triton
 interpreter's wrong bf16 arithmetic also needs); outputs take x's dtype,
 rounded to nearest even (by hand under the interpreter: `IS_INTERPRETER`).
 
-Reference: `layernorm_ref` / `add_layernorm_ref` below.
+Reference: `layernorm_ref` / `add_layernorm_ref` below. `kernel_faster` answers
+the ops switch's "auto": kernel or torch at a shape (`kernels/tuner.py`).
 """
 import functools
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .interpreter import cast_rtne, interpreting
-from .tuner import Tuner
+from .tuner import Tuner, fwd_bwd_launch, kernel_or_torch
 
 
 @triton.jit
@@ -358,3 +359,32 @@ def add_layernorm_ref(x: torch.Tensor, branch: torch.Tensor, weight: torch.Tenso
     """h = x + branch; y = LayerNorm(h). Returns (h, y)."""
     h = x + branch
     return h, layernorm_ref(h, weight, bias, eps)
+
+
+# "auto" on CUDA: kernel or torch per (width, rows bucket, dtypes, variant), timed once
+# (`kernel_or_torch`). Untimed (FASTMOCO_TUNE=0): the widths where the kernels measured faster
+# forward + backward on an H100 (bench/RESULTS.md, 2026-11-22, bf16, before launch-config
+# tuning: C=768 1.56x; C=384 0.60x and C=1280 0.71x).
+AUTO_WIDTHS = frozenset({768})
+_DISPATCH = Tuner("layernorm dispatch")
+
+
+def kernel_faster(x: torch.Tensor, weight_dtype: torch.dtype | None = None, has_branch: bool = False) -> bool:
+    """Whether the kernel beats torch on CUDA rows shaped like x (..., C), with a weight of
+    `weight_dtype` (default x's) and, with has_branch, the residual-add variant."""
+    C = x.shape[-1]
+    weight_dtype = x.dtype if weight_dtype is None else weight_dtype
+    key = (x.device.index, C, triton.next_power_of_2(max(x.numel() // C, 1)), x.dtype, weight_dtype, has_branch)
+
+    def make_launch():  # fresh tensors shaped like x (as rows), made only when timing
+        g = torch.Generator(device=x.device).manual_seed(0)
+        rand = lambda *shape, dtype: torch.randn(*shape, generator=g, device=x.device).to(dtype)  # noqa: E731
+        rows = (x.numel() // C, C)
+        acts = [rand(*rows, dtype=x.dtype).requires_grad_() for _ in range(2 if has_branch else 1)]
+        params = [rand(C, dtype=weight_dtype).requires_grad_() for _ in range(2)]
+        grads = [rand(*rows, dtype=x.dtype) for _ in acts]  # for (h, y) or y
+        fns = {"kernel": add_layernorm if has_branch else layernorm,
+               "torch": add_layernorm_ref if has_branch else layernorm_ref}
+        return fwd_bwd_launch(fns, acts + params, grads, 1e-6)
+
+    return kernel_or_torch(_DISPATCH, key, C in AUTO_WIDTHS, x, make_launch)

@@ -86,6 +86,7 @@ def test_fused_switch_modes_and_layernorm_widths():
         assert ops.use_fused("attention", cpu) and ops.use_fused("layernorm", torch.zeros(2, 384))
     with ops.fused(attention="off"):
         assert not ops.use_fused("attention", cpu)
-    assert ops.LAYERNORM_AUTO_WIDTHS == {768}
+    from fastmoco.kernels.layernorm import AUTO_WIDTHS
+    assert AUTO_WIDTHS == {768}
     with pytest.raises(ValueError, match="unknown fused op"):
         ops.set_fused(softmax="on")

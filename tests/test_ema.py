@@ -1,4 +1,4 @@
-"""Fused EMA (flat and multi-tensor forms) vs the official per-parameter loop.
+"""Fused multi-tensor EMA (and the torch foreach path) vs the official per-parameter loop.
 
 Parameter lists follow a ViT's parameter SHAPES (patch embedding, cls token,
 position embedding, per block: 2 LayerNorms, qkv, proj, fc1, fc2), plus
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastmoco.kernels import ema as ema_mod
-from fastmoco.kernels.ema import ema_flat_, ema_multi_, ema_ref_, ema_update_
+from fastmoco import ops
+from fastmoco.kernels.ema import ema_foreach_, ema_multi_, ema_ref_
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
@@ -57,19 +58,9 @@ def _run_and_check(form, shapes, online_dtype, m_value, with_out, seed=0):
     ref = [t.clone() for t in momentum]
     m = torch.tensor(m_value, dtype=torch.float32, device=DEV)
     ema_ref_(ref, online, m)
-    if form == "multi":
-        outs = [torch.full_like(t, float("nan"), dtype=torch.bfloat16) for t in momentum] if with_out else None
-        ema_multi_(momentum, online, m, outs)
-        new = momentum
-    else:
-        numels = [t.numel() for t in momentum]
-        flat = torch.cat([t.flatten() for t in momentum])
-        flat_online = torch.cat([t.flatten() for t in online])
-        del momentum
-        flat_out = torch.full_like(flat, float("nan"), dtype=torch.bfloat16) if with_out else None
-        ema_flat_(flat, flat_online, m, flat_out)
-        new = flat.split(numels)
-        outs = flat_out.split(numels) if with_out else None
+    outs = [torch.full_like(t, float("nan"), dtype=torch.bfloat16) for t in momentum] if with_out else None
+    {"multi": ema_multi_, "foreach": ema_foreach_}[form](momentum, online, m, outs)
+    new = momentum
     _check_update(new, old, online, m_value, ref)
     if with_out:
         for o, w in zip(outs, new):
@@ -79,7 +70,7 @@ def _run_and_check(form, shapes, online_dtype, m_value, with_out, seed=0):
 @pytest.mark.parametrize("with_out", [True, False], ids=["bf16-copy", "no-copy"])
 @pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16], ids=["online-fp32", "online-bf16"])
 @pytest.mark.parametrize("m", [0.99, 0.99999])
-@pytest.mark.parametrize("form", ["multi", "flat"])
+@pytest.mark.parametrize("form", ["multi", "foreach"])
 def test_ema_matches_loop(form, m, online_dtype, with_out):
     _run_and_check(form, vit_param_shapes(**VIT_B_SCALED), online_dtype, m, with_out)
 
@@ -128,39 +119,55 @@ def test_pointer_tables_are_cached(monkeypatch):
     assert built == [1]
 
 
-@pytest.mark.parametrize("use_kernel", [None, True], ids=["cpu-foreach-or-cuda-kernel", "kernel"])
-def test_update_dispatch(use_kernel):
-    """`ema_update_` (lists and a flat buffer) with the bf16 copy, whichever path it takes."""
+@pytest.mark.parametrize("mode", ["auto", "on"], ids=["cpu-foreach-or-cuda-kernel", "kernel"])
+def test_update_dispatch(mode):
+    """The switch's `ema_update_` with the bf16 copy, whichever path it takes; empty list: nothing."""
     shapes = vit_param_shapes(**dict(VIT_B_SCALED, depth=1))
     momentum, online = _params(shapes, torch.bfloat16, seed=2)
     ref = [t.clone() for t in momentum]
     m = torch.tensor(0.99, device=DEV)
     outs = [torch.full_like(t, float("nan"), dtype=torch.bfloat16) for t in momentum]
-    ema_update_(momentum, online, m, outs, use_kernel=use_kernel)
+    with ops.fused(ema=mode):
+        ops.ema_update_(momentum, online, m, outs)
+        ops.ema_update_([], [], m)
     ema_ref_(ref, online, m)
     for a, b, o in zip(momentum, ref, outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         assert torch.equal(o, a.to(torch.bfloat16))
     flat, flat_online = torch.randn(1001, device=DEV), torch.randn(1001, device=DEV)
     flat_ref = flat.clone()
-    ema_update_(flat, flat_online, m, use_kernel=use_kernel)
+    with ops.fused(ema=mode):
+        ops.ema_update_([flat], [flat_online], m)
     ema_ref_([flat_ref], [flat_online], m)
     torch.testing.assert_close(flat, flat_ref, atol=1e-6, rtol=1e-6)
+
+
+def test_apex_only_when_asked_on_cuda_and_installed(monkeypatch):
+    """The kernel path's one alternative: apex, only with FASTMOCO_EMA_APEX=1 on CUDA with amp_C."""
+    cpu = torch.zeros(1)
+    monkeypatch.setattr(ema_mod, "_apex_axpby", lambda: object())
+    monkeypatch.setattr(ema_mod, "USE_APEX", True)
+    assert not ema_mod.use_apex(cpu)
+    cuda_like = type("T", (), {"is_cuda": True})()
+    assert ema_mod.use_apex(cuda_like)
+    monkeypatch.setattr(ema_mod, "USE_APEX", False)
+    assert not ema_mod.use_apex(cuda_like)
+    monkeypatch.setattr(ema_mod, "USE_APEX", True)
+    monkeypatch.setattr(ema_mod, "_apex_axpby", lambda: None)
+    assert not ema_mod.use_apex(cuda_like)
 
 
 def test_rejects_bf16_state():
     momentum, online = _params([(7,)], torch.float32)
     with pytest.raises(TypeError):
         ema_multi_([momentum[0].to(torch.bfloat16)], online, torch.tensor(0.9, device=DEV))
-    with pytest.raises(TypeError):
-        ema_flat_(momentum[0].to(torch.bfloat16), online[0], torch.tensor(0.9, device=DEV))
 
 
 # ----------------------------------------------------------------------------- GPU, full sizes
 @pytest.mark.gpu
 @pytest.mark.parametrize("online_dtype", [torch.float32, torch.bfloat16], ids=["online-fp32", "online-bf16"])
 @pytest.mark.parametrize("m", [0.99, 0.99999])
-@pytest.mark.parametrize("form", ["multi", "flat"])
+@pytest.mark.parametrize("form", ["multi", "foreach"])
 @pytest.mark.parametrize("model", ["vit_b", "vit_h"])
 def test_gpu_full_vit(model, form, m, online_dtype):
     shapes = vit_param_shapes(**(VIT_B if model == "vit_b" else VIT_H))
@@ -174,11 +181,11 @@ def test_gpu_cuda_graph_capture():
     momentum, online = _params(vit_param_shapes(**VIT_B), torch.bfloat16, seed=4)
     outs = [torch.empty_like(t, dtype=torch.bfloat16) for t in momentum]
     m = torch.tensor(0.99, device=DEV)
-    ema_update_(momentum, online, m, outs)  # builds and caches the pointer table, compiles
+    ops.ema_update_(momentum, online, m, outs)  # builds and caches the pointer table, compiles
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ema_update_(momentum, online, m, outs)
+        ops.ema_update_(momentum, online, m, outs)
     ref = [t.clone() for t in momentum]
     m.fill_(0.9995)
     graph.replay()

@@ -74,50 +74,156 @@ def test_vit_base_fused_matches_reference_bf16():
         assert rel_err(gk[n], g32[n]) <= 2 * rel_err(gr[n], g32[n]) + 2e-2, n
 
 
-def test_layernorm_auto_dispatch_times_once_and_keeps_the_faster(monkeypatch):
-    """"auto" LayerNorm: per shape, the faster of kernel and torch fwd+bwd, timed once (timing
-    replaced by given figures here; the timed runs are real, under the interpreter on the CPU)."""
+@pytest.fixture
+def timed_dispatch(monkeypatch):
+    """"auto"'s kernel-vs-torch timing with the GPU timing replaced by given figures: returns
+    (figures, ran). The timed runs are real (the kernel under the interpreter on the CPU)."""
+    from fastmoco.kernels import attention as attention_module
+    from fastmoco.kernels import layernorm as layernorm_module
     from fastmoco.kernels import tuner
 
-    ran = []
-    figures = {}
+    ran, figures = [], {}
+    real_fwd_bwd_launch = tuner.fwd_bwd_launch
 
-    def fake_bench(fn, warmup, rep):
-        fn()
-        return figures[ran[-1]]
-
-    real_launch = ops._layernorm_timing_launch
-
-    def recording_launch(*args):
-        launch = real_launch(*args)
+    def recording_fwd_bwd_launch(*args):
+        launch = real_fwd_bwd_launch(*args)
 
         def run(choice):
             ran.append(choice)
             launch(choice)
         return run
 
-    monkeypatch.setattr(ops, "tuning_enabled", lambda t: True)
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return figures[ran[-1]]
+
     monkeypatch.setattr(tuner, "tuning_enabled", lambda t: True)
     monkeypatch.setattr(tuner.triton.testing, "do_bench", fake_bench)
-    monkeypatch.setattr(ops, "_layernorm_timing_launch", recording_launch)
-    monkeypatch.setattr(ops, "_LAYERNORM_DISPATCH", tuner.Tuner("test dispatch"))
+    for module in (attention_module, layernorm_module):
+        monkeypatch.setattr(module, "fwd_bwd_launch", recording_fwd_bwd_launch)
+        monkeypatch.setattr(module, "_DISPATCH", tuner.Tuner("test dispatch"))
+    return figures, ran
+
+
+def test_layernorm_auto_dispatch_times_once_and_keeps_the_faster(timed_dispatch, monkeypatch):
+    """"auto" LayerNorm: per shape, the faster of kernel and torch fwd+bwd, timed once."""
+    from fastmoco.kernels import tuner
+    from fastmoco.kernels.layernorm import kernel_faster
+
+    figures, ran = timed_dispatch
     x, w = torch.randn(3, 5, 72), torch.randn(72)
     figures.update(kernel=1.0, torch=2.0)
-    assert ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True)
+    assert kernel_faster(x, w.dtype, has_branch=True)
     assert ran == ["kernel", "torch"]
-    assert ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True) and len(ran) == 2  # kept, not re-timed
+    assert kernel_faster(x, w.dtype, has_branch=True) and len(ran) == 2  # kept, not re-timed
     figures.update(kernel=3.0)
-    assert not ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=False)  # another key: torch faster
-    assert not ops._layernorm_kernel_wins(torch.randn(12, 72), w, 1e-6, has_branch=False)  # same rows bucket (16)
+    assert not kernel_faster(x, w.dtype, has_branch=False)  # another key: torch faster
+    assert not kernel_faster(torch.randn(12, 72), w.dtype, has_branch=False)  # same rows bucket (16)
     assert len(ran) == 4
-    monkeypatch.setattr(ops, "tuning_enabled", lambda t: False)  # FASTMOCO_TUNE=0: the measured widths
-    assert not ops._layernorm_kernel_wins(x, w, 1e-6, has_branch=True)
-    assert ops._layernorm_kernel_wins(torch.randn(2, 768), torch.randn(768), 1e-6, has_branch=True)
+    monkeypatch.setattr(tuner, "tuning_enabled", lambda t: False)  # FASTMOCO_TUNE=0: the measured widths
+    assert not kernel_faster(x, w.dtype, has_branch=True)
+    assert kernel_faster(torch.randn(2, 768), torch.float32, has_branch=True)
+
+
+def test_attention_auto_dispatch_times_kernel_and_sdpa_once(timed_dispatch, monkeypatch):
+    """"auto" attention: per shape, the faster of our kernel and SDPA fwd+bwd, timed once; untimed,
+    the head dims of the fallback table."""
+    from fastmoco.kernels import tuner
+    from fastmoco.kernels.attention import AUTO_HEAD_DIMS, kernel_faster
+
+    figures, ran = timed_dispatch
+    qkv = torch.randn(2, 17, 3 * 3 * 24)
+    figures.update(kernel=2.0, torch=1.0)
+    assert not kernel_faster(qkv, 3)  # SDPA faster
+    assert ran == ["kernel", "torch"]
+    figures.update(kernel=0.5)
+    assert not kernel_faster(qkv, 3) and len(ran) == 2  # kept, not re-timed
+    assert kernel_faster(torch.randn(3, 17, 3 * 3 * 24), 3)  # another batch: timed again, kernel faster
+    assert len(ran) == 4
+    monkeypatch.setattr(tuner, "tuning_enabled", lambda t: False)  # FASTMOCO_TUNE=0: the table
+    assert AUTO_HEAD_DIMS == {64, 80}
+    assert not kernel_faster(qkv, 3)  # D = 24
+    assert kernel_faster(torch.randn(1, 5, 3 * 2 * 64), 2) and kernel_faster(torch.randn(1, 5, 3 * 2 * 80), 2)
+
+
+class _FakeCuda:
+    """Tensor stand-in with is_cuda True: ops' "auto" reaches the per-shape choice on the CPU."""
+    def __init__(self, t):
+        self.t = t
+        self.is_cuda = True
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+
+def test_use_fused_answers_what_runs(monkeypatch):
+    """For every op and mode, the path the op runs is the one `use_fused` reports (auto on "CUDA":
+    the op module's per-shape answer, both ways)."""
+    from fastmoco.kernels import attention as attention_module
+    from fastmoco.kernels import contrastive as contrastive_module
+    from fastmoco.kernels import ema as ema_module
+    from fastmoco.kernels import layernorm as layernorm_module
+
+    ran = []
+
+    def spy(module, name):
+        monkeypatch.setattr(module, name, lambda *a, **k: ran.append(name))
+
+    for name in ("attention", "attention_sdpa", "attention_ref"):
+        spy(attention_module, name)
+    for name in ("layernorm", "layernorm_ref", "add_layernorm", "add_layernorm_ref"):
+        spy(layernorm_module, name)
+    for name in ("symmetric_contrastive_loss", "symmetric_contrastive_loss_ref"):
+        spy(contrastive_module, name)
+    for name in ("ema_multi_", "ema_foreach_", "ema_apex_"):
+        spy(ema_module, name)
+    x = torch.randn(2, 5, 48)
+    w = torch.randn(48)
+    for faster in (True, False):
+        for module in (attention_module, layernorm_module):
+            monkeypatch.setattr(module, "kernel_faster", lambda *a, _f=faster, **k: _f)
+        for device_is_cuda in (False, True):
+            t = _FakeCuda(x) if device_is_cuda else x
+            for mode in ("auto", "on", "off"):
+                with ops.fused(attention=mode, layernorm=mode, contrastive=mode, ema=mode):
+                    ran.clear()
+                    ops.attention(t, 2)
+                    assert (ran == ["attention"]) == ops.use_fused("attention", t, num_heads=2), (mode, ran)
+                    if not ops.use_fused("attention", t, num_heads=2):  # torch's fused SDPA only on CUDA "auto"
+                        assert ran == ["attention_sdpa" if mode == "auto" and device_is_cuda else "attention_ref"]
+                    ran.clear()
+                    ops.layernorm(t, w, w, 1e-6)
+                    ops.add_layernorm(t, t, w, w, 1e-6)
+                    use = ops.use_fused("layernorm", t, weight_dtype=w.dtype)
+                    assert use == ops.use_fused("layernorm", t, weight_dtype=w.dtype, has_branch=True)
+                    assert ran == (["layernorm", "add_layernorm"] if use else ["layernorm_ref", "add_layernorm_ref"])
+                    assert use == (mode == "on" or (mode == "auto" and device_is_cuda and faster))
+                    ran.clear()
+                    ops.symmetric_contrastive_loss(t, t, t, t, 0.2, 0)
+                    ops.ema_update_([t], [t], 0.9)
+                    use = ops.use_fused("contrastive", t)
+                    assert use == ops.use_fused("ema", t) == (mode == "on" or (mode == "auto" and device_is_cuda))
+                    assert ran == (["symmetric_contrastive_loss", "ema_multi_"] if use
+                                   else ["symmetric_contrastive_loss_ref", "ema_foreach_"])
+
+
+def test_model_imports_without_triton():
+    """The model, the MoCo module and the switch import where Triton cannot be imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import fastmoco.models.vit, fastmoco.moco, fastmoco.ops\n"
+            "try:\n    import triton\nexcept ImportError:\n    print('no triton')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "no triton"
 
 
 @pytest.mark.gpu
 def test_layernorm_auto_dispatch_on_gpu():
     """On the GPU the decision is timed and every ViT width gets one; the chosen path is right."""
+    from fastmoco.kernels import layernorm as layernorm_module
     from fastmoco.kernels.layernorm import add_layernorm_ref
 
     for C in (384, 768, 1280):
@@ -126,8 +232,23 @@ def test_layernorm_auto_dispatch_on_gpu():
         w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
         with ops.fused(layernorm="auto"):
             h, y = ops.add_layernorm(x, branch, w, b, 1e-6)
-        key = next(k for k in ops._LAYERNORM_DISPATCH.chosen if k[1] == C and k[-1] is True)
-        assert ops._LAYERNORM_DISPATCH.chosen[key][0] in ("kernel", "torch")
+        chosen = layernorm_module._DISPATCH.chosen
+        key = next(k for k in chosen if k[1] == C and k[-1] is True)
+        assert chosen[key][0] in ("kernel", "torch")
         h_ref, y_ref = add_layernorm_ref(x.float(), branch.float(), w, b, 1e-6)
         torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=0)
         torch.testing.assert_close(h.float(), h_ref, atol=5e-2, rtol=0)
+
+
+@pytest.mark.gpu
+def test_attention_auto_dispatch_on_gpu():
+    """On the GPU "auto" attention times kernel vs SDPA once per shape, and the path it runs is right."""
+    from fastmoco.kernels import attention as attention_module
+
+    for B, N, H, D in ((8, 197, 12, 64), (4, 257, 16, 80)):
+        qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+        with ops.fused(attention="auto"):
+            out = ops.attention(qkv, H)
+        key = (qkv.device.index, B, N, H, D, qkv.dtype)
+        assert attention_module._DISPATCH.chosen[key][0] in ("kernel", "torch")
+        torch.testing.assert_close(out.float(), attention_module.attention_ref(qkv.float(), H), atol=2e-2, rtol=0)
