@@ -1,12 +1,14 @@
 """A small ImageFolder of real photographs for tests, benches and the README demo.
 
-    python -m fastmoco.pipelines.demo_data OUT_DIR --num-images 512
+    fastmoco-make-demo-data OUT_DIR [--num-images 256] [--val-images 128]   # OUT_DIR/train, OUT_DIR/val
 
 The photographs are the ones shipped inside scikit-image (`skimage.data`,
 nothing downloaded). Each class folder holds random crops of one photograph,
 resized so the shorter side is 300-500 px with aspect 3/4-4/3 (ImageNet-like
 sizes) and saved as JPEG quality 90. So a kNN on the labels is meaningful: two
-crops of the same photograph share a class.
+crops of the same photograph share a class. The command writes a train and a
+val split (other crops of the same photographs: another seed) for the README
+demo's kNN monitor.
 
 Idempotent: a `.complete` marker records the parameters; a folder made with the
 same parameters is left as it is.
@@ -30,6 +32,7 @@ SHORT_SIDE = (300, 500)          # pixels, like ImageNet's typical sizes
 ASPECT = (3 / 4, 4 / 3)          # width / height
 MIN_AREA_FRACTION = 0.4          # of the source photograph, before the resize
 JPEG_QUALITY = 90
+VAL_SEED_OFFSET = 1_000_003      # the val split's crops: another seed than train's
 _MARKER = ".complete"
 
 
@@ -94,15 +97,25 @@ def make_demo_data(out_dir: str | os.PathLike, num_images: int = 256, seed: int 
     return out
 
 
+def make_demo_splits(out_dir: str | os.PathLike, num_images: int = 256, val_images: int = 128, seed: int = 0,
+                     color_only: bool = False) -> tuple[Path, Path | None]:
+    """`out_dir/train` and (when `val_images`) `out_dir/val`: the same classes, different crops."""
+    out = Path(out_dir)
+    train = make_demo_data(out / "train", num_images, seed, color_only)
+    val = make_demo_data(out / "val", val_images, seed + VAL_SEED_OFFSET, color_only) if val_images > 0 else None
+    return train, val
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
-    ap.add_argument("--num-images", type=int, default=256)
+    ap.add_argument("--num-images", type=int, default=256, help="train split")
+    ap.add_argument("--val-images", type=int, default=128, help="val split (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--color-only", action="store_true", help="leave out the grey photographs")
     args = ap.parse_args(argv)
-    out = make_demo_data(args.out_dir, args.num_images, args.seed, args.color_only)
-    print(f"demo data: {args.num_images} JPEGs in {out}")
+    train, val = make_demo_splits(args.out_dir, args.num_images, args.val_images, args.seed, args.color_only)
+    print(f"demo data: {args.num_images} JPEGs in {train}" + (f", {args.val_images} in {val}" if val else ""))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""Command-line evaluation: `fastmoco-knn`, `fastmoco-linear`, `fastmoco-export`.
+
+    fastmoco-knn    --checkpoint runs/vit_b --train /data/imagenet/train --val /data/imagenet/val
+    fastmoco-linear --checkpoint runs/vit_b --train ... --val ... [--epochs 90] [--fast]
+    fastmoco-export --checkpoint runs/vit_b --out vit_b.safetensors      # + vit_b.moco_v3.pth.tar
+    torchrun --nproc_per_node 8 -m fastmoco.evaluation.cli knn ...       # every rank extracts a shard
+
+--checkpoint takes a fastmoco checkpoint (a step_* directory, a run's out_dir
+or its checkpoints/ folder: the newest complete one), an official MoCo v3
+checkpoint (.pth.tar) or an exported backbone (.safetensors). Errors (a missing
+folder, a class of val absent from train, weights of another architecture) are
+one line naming the file and the key; exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from dataclasses import replace
+
+import torch
+
+from fastmoco.config import DataConfig
+from fastmoco.distributed import get_rank, get_world_size
+
+
+def _setup_distributed() -> torch.device:
+    """One process, or torchrun's ranks (nccl on GPUs, gloo on CPUs); the device of this rank."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def _common(p: argparse.ArgumentParser, train_required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=True, help="fastmoco checkpoint/run dir, official .pth.tar, "
+                                                       "or .safetensors backbone")
+    p.add_argument("--train", required=train_required, help="labelled ImageFolder (train split)")
+    p.add_argument("--val", required=train_required, help="labelled ImageFolder (val split)")
+    p.add_argument("--train-list", default="", help="optional file list for --train")
+    p.add_argument("--val-list", default="", help="optional file list for --val")
+    p.add_argument("--encoder", default="online", choices=("online", "momentum"),
+                   help="which encoder's backbone (MoCo v3 evaluates the online one)")
+    p.add_argument("--batch-size", type=int, default=256, help="per process")
+    p.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's")
+    p.add_argument("--backend", default="dali", choices=("dali", "torchvision"))
+    p.add_argument("--num-threads", type=int, default=8)
+    p.add_argument("--json", default="", help="also write the result to this JSON file")
+
+
+def _backbone_and_splits(args, device):
+    from fastmoco.evaluation.features import LabelledSplit
+    from fastmoco.evaluation.weights import build_backbone, load_weights
+
+    train = LabelledSplit.scan("--train", args.train, args.train_list)
+    val = LabelledSplit.scan("--val", args.val, args.val_list, reference=train)
+    sd, info = load_weights(args.checkpoint)
+    backbone = build_backbone(info, sd, args.encoder).to(device)
+    size = args.image_size or info.img_size
+    data = DataConfig(backend=args.backend, num_threads=args.num_threads, image_size=size)
+    return backbone, train, val, data, size, info
+
+
+def _num_classes(train, labels: torch.Tensor) -> int:
+    return train.num_classes or int(labels.max()) + 1
+
+
+def _write_json(path: str, result: dict) -> None:
+    if path and get_rank() == 0:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, path)
+
+
+def knn_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fastmoco-knn", description="Weighted kNN accuracy of a frozen backbone "
+                                "(DINO's protocol: cosine similarity, votes exp(sim / T)).")
+    _common(p)
+    p.add_argument("--k", type=int, nargs="+", default=[20, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    args = p.parse_args(argv)
+    with _errors():
+        from fastmoco.evaluation.features import extract_features
+        from fastmoco.evaluation.knn import format_knn, knn_accuracy
+
+        device = _setup_distributed()
+        backbone, train, val, data, size, info = _backbone_and_splits(args, device)
+        bf16 = device.type == "cuda"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        kw = dict(batch_size=args.batch_size, image_size=size, device=device, dtype=dtype)
+        bank, bank_labels = extract_features(backbone, train.loader(data, **kw), image_size=size, split=train,
+                                             bf16=bf16)
+        queries, query_labels = extract_features(backbone, val.loader(data, **kw), image_size=size, split=val,
+                                                 bf16=bf16)
+        result = knn_accuracy(bank, bank_labels, queries, query_labels, ks=args.k, temperature=args.temperature,
+                              num_classes=_num_classes(train, bank_labels))
+        if get_rank() == 0:
+            print(f"{info.path} ({info.arch}, {args.encoder} encoder): kNN on {args.val} "
+                  f"({queries.shape[0]} queries, {bank.shape[0]} neighbours): {format_knn(result)}", flush=True)
+        _write_json(args.json, {"checkpoint": info.path, "arch": info.arch, "encoder": args.encoder,
+                                "knn": {str(k): {"top1": a[0], "top5": a[1]} for k, a in result.items()},
+                                "train_samples": bank.shape[0], "val_samples": queries.shape[0],
+                                "world_size": get_world_size()})
+
+
+def linear_main(argv: list[str] | None = None) -> None:
+    from fastmoco.evaluation import linear as lin
+
+    p = argparse.ArgumentParser(prog="fastmoco-linear", description="Linear probe of a frozen backbone: MoCo v3's "
+                                "protocol (main_lincls.py), or --fast on cached features (not the paper's).")
+    _common(p)
+    p.add_argument("--epochs", type=int, default=0, help=f"default {lin.OFFICIAL_EPOCHS} "
+                                                         f"(--fast: {lin.FAST_EPOCHS})")
+    p.add_argument("--lr", type=float, default=lin.OFFICIAL_BASE_LR, help="per 256 samples (official mode)")
+    p.add_argument("--fast", action="store_true", help="cached features, several learning rates at once, "
+                                                       "best on a held-out part of train")
+    p.add_argument("--holdout", type=float, default=lin.HOLDOUT)
+    p.set_defaults(batch_size=None)
+    args = p.parse_args(argv)
+    with _errors():
+        from fastmoco.evaluation.features import extract_features
+
+        device = _setup_distributed()
+        backbone, train, val, data, size, info = _backbone_and_splits(args, device)
+        bf16 = device.type == "cuda"
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        if args.fast:
+            batch = args.batch_size or 256
+            kw = dict(batch_size=batch, image_size=size, device=device, dtype=dtype)
+            xt, yt = extract_features(backbone, train.loader(data, **kw), image_size=size, split=train, bf16=bf16)
+            xv, yv = extract_features(backbone, val.loader(data, **kw), image_size=size, split=val, bf16=bf16)
+            res = lin.train_linear_fast(xt, yt, xv, yv, num_classes=_num_classes(train, yt),
+                                        epochs=args.epochs or lin.FAST_EPOCHS, holdout=args.holdout)
+            mode = "fast linear probe on cached features (NOT the paper's protocol)"
+        else:
+            batch = args.batch_size or max(1, lin.OFFICIAL_BATCH // get_world_size())
+            # the official training views: RandomResizedCrop + flip, nothing else
+            aug = replace(data, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0, 0.0],
+                          solarize_prob=[0.0, 0.0], crop_min=0.08, flip_prob=0.5)
+            train_loader = train.loader(aug, batch_size=batch, image_size=size, device=device, dtype=dtype,
+                                        train=True)
+            val_loader = val.loader(data, batch_size=batch, image_size=size, device=device, dtype=dtype)
+            res = lin.train_linear_official(backbone, train_loader, val_loader,
+                                            num_classes=train.num_classes or _labels_max(train) + 1,
+                                            epochs=args.epochs or lin.OFFICIAL_EPOCHS, base_lr=args.lr,
+                                            bf16=bf16, relabel_val=val.labels_of,
+                                            log=print if get_rank() == 0 else (lambda *_: None))
+            mode = "linear probe, MoCo v3 protocol"
+        if get_rank() == 0:
+            print(f"{info.path} ({info.arch}, {args.encoder} encoder): {mode}: val top-1 {res.top1:.2f}% "
+                  f"top-5 {res.top5:.2f}% (lr {res.lr:g})", flush=True)
+        _write_json(args.json, {"checkpoint": info.path, "arch": info.arch, "mode": "fast" if args.fast else
+                                "official", "top1": res.top1, "top5": res.top5, "lr": res.lr, **res.extra})
+
+
+def _labels_max(split) -> int:
+    """Largest label of a file-list split (ImageFolder splits know their classes)."""
+    from fastmoco.pipelines import scan_image_folder
+
+    return max(label for _, label in scan_image_folder(split.path, split.file_list))
+
+
+def export_main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="fastmoco-export", description="Export a backbone for timm (safetensors) "
+                                "and the whole model in the official MoCo v3 layout.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="the backbone, .safetensors (timm names)")
+    p.add_argument("--official", default=None, help="official-layout file (default <out>.moco_v3.pth.tar; "
+                                                    "'' to skip)")
+    p.add_argument("--encoder", default="online", choices=("online", "momentum"))
+    args = p.parse_args(argv)
+    with _errors():
+        from fastmoco.evaluation.weights import VIT_SIZES, export, load_weights
+
+        out, off = export(args.checkpoint, args.out, encoder=args.encoder, official=args.official)
+        _, info = load_weights(out)
+        size = VIT_SIZES[info.arch]
+        print(f"backbone ({info.arch}, {args.encoder} encoder): {out}\n"
+              f"  timm: timm.create_model('{size.timm_name}', num_classes=0, num_heads={size.num_heads}, "
+              f"img_size={info.img_size}, pretrained=True, pretrained_cfg_overlay=dict(file='{out}'))"
+              + (f"\nofficial MoCo v3 layout: {off}" if off else ""), flush=True)
+
+
+class _errors:
+    """Expected failures as one line on stderr and exit status 2 (no traceback)."""
+
+    def __enter__(self):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+    def __exit__(self, tp, e, tb):
+        if tp is not None and issubclass(tp, (ValueError, FileNotFoundError)):
+            print(f"fastmoco: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2)
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m fastmoco.evaluation.cli knn|linear|export ...` (what torchrun launches)."""
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"knn": knn_main, "linear": linear_main, "export": export_main}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: python -m fastmoco.evaluation.cli {{{','.join(commands)}}} ...")
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

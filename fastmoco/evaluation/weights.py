@@ -1,0 +1,295 @@
+"""Weights in and out of fastmoco: checkpoints of any ZeRO stage, timm, the official MoCo v3 layout.
+
+    sd, info = load_weights(path)            # fastmoco checkpoint dir | official .pth.tar | safetensors
+    backbone = build_backbone(info, sd, encoder="online")
+    export(path, "vit_b.safetensors")        # + vit_b.moco_v3.pth.tar
+
+What each source holds, and how it becomes one fp32 state dict of `MoCo`
+(names: base_encoder.*, momentum_encoder.*, predictor.*; the backbone's names
+are timm's, see fastmoco/models/vit.py):
+
+- fastmoco checkpoint directory (`<out_dir>/checkpoints/step_*`): the resolved
+  run config is in its COMPLETE file. ZeRO-0: DeepSpeed's module state dict.
+  ZeRO-1/2/3: the trainable weights are rebuilt in fp32 from the optimizer's
+  partitions (DeepSpeed's `zero_to_fp32`), frozen ones from DeepSpeed's frozen
+  fragments. The momentum encoder comes from fastmoco's own fp32 EMA state,
+  its ZeRO-3 shards concatenated in rank order. A bf16 ZeRO-0 module without
+  an fp32 copy is read as is (bf16-rounded) with a warning.
+- official MoCo v3 checkpoint (`main_moco.py`'s `checkpoint_%04d.pth.tar`):
+  `{"state_dict": {"module.base_encoder....": ...}, "arch": ...}`; read with
+  `torch.load(weights_only=True)`, so a downloaded file cannot run code.
+- safetensors backbone (what `export` writes): a backbone only, no heads.
+
+Errors name the file, the key and both shapes; every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastmoco.models.vit import VIT_SIZES, VisionTransformer
+
+MARKER = "COMPLETE"                   # fastmoco.checkpoint's completeness marker
+OFFICIAL_PREFIX = "module."           # DistributedDataParallel's prefix in the official checkpoints
+ENCODERS = {"online": "base_encoder.", "momentum": "momentum_encoder."}
+HEAD_PREFIX = "head."                 # the MoCo projector inside each encoder
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be used here; the message names the file and the key."""
+
+
+@dataclass
+class WeightsInfo:
+    arch: str
+    img_size: int
+    source: str          # "fastmoco" | "official" | "safetensors"
+    path: str
+    step: int | None = None
+    config: dict | None = None
+
+
+# -- reading -------------------------------------------------------------------------------------
+def _is_fastmoco_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / MARKER).is_file()
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from itself, a run's `checkpoints/` folder or its out_dir (newest complete)."""
+    p = Path(path)
+    if _is_fastmoco_checkpoint(p):
+        return p
+    for folder in (p, p / "checkpoints"):
+        if folder.is_dir():
+            done = sorted((c for c in folder.glob("step_*") if (c / MARKER).is_file()),
+                          key=lambda c: int(c.name.split("_")[1]))
+            if done:
+                return done[-1]
+    raise WeightsError(f"{p}: not a fastmoco checkpoint (no {MARKER} file in it, nor a complete "
+                       "step_* checkpoint under it)")
+
+
+def _load_fastmoco(ckpt: Path) -> tuple[dict, WeightsInfo]:
+    meta = json.loads((ckpt / MARKER).read_text())
+    cfg = meta.get("config") or {}
+    model_cfg = cfg.get("model", {})
+    arch, img_size = model_cfg.get("arch"), model_cfg.get("img_size")
+    if arch is None or img_size is None:
+        raise WeightsError(f"{ckpt / MARKER}: no model.arch / model.img_size in the saved config")
+    stage = cfg.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)
+    if stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed's own files, written by this project's runs: they unpickle (see README).
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    else:
+        files = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))
+        if not files:
+            raise WeightsError(f"{ckpt}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
+        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    momentum = _momentum_master(ckpt, arch, img_size, cfg)
+    if momentum is not None:
+        sd.update(momentum)
+    elif any(v.dtype == torch.bfloat16 for v in sd.values()):
+        warnings.warn(f"{ckpt}: bf16 weights without an fp32 copy; exported as the bf16-rounded values",
+                      stacklevel=3)
+    return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), cfg)
+
+
+def _momentum_master(ckpt: Path, arch: str, img_size: int, cfg: dict) -> dict | None:
+    """The momentum encoder's fp32 EMA state from fastmoco's per-rank files, as full tensors by name.
+    The state lists the momentum encoder's parameters in module order; under ZeRO-3 each rank
+    holds a flat, zero-padded slice of each (fastmoco.momentum.shard_of), concatenated here."""
+    files = sorted(ckpt.glob("fastmoco_rank*.pt"))
+    if not files:
+        return None
+    states = []
+    for f in files:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - older checkpoints pickle their RNG state; ours are local files
+            state = torch.load(f, map_location="cpu", weights_only=False)
+        states.append(state["momentum"]["master"])
+    names, shapes = _momentum_param_shapes(arch, img_size, cfg)
+    if any(len(s) != len(names) for s in states):
+        raise WeightsError(f"{ckpt}: the momentum state has {len(states[0])} tensors, "
+                           f"{arch} has {len(names)} momentum-encoder parameters")
+    out = {}
+    for i, (name, shape) in enumerate(zip(names, shapes)):
+        numel = int(torch.Size(shape).numel())
+        flat = torch.cat([s[i].reshape(-1).float() for s in states])[:numel] if len(states) > 1 \
+            else states[0][i].reshape(-1).float()
+        if flat.numel() != numel:
+            raise WeightsError(f"{ckpt}: momentum state for {name} has {flat.numel()} values, expected {numel}")
+        out[name] = flat.reshape(shape).clone()
+    return out
+
+
+def _momentum_param_shapes(arch: str, img_size: int, cfg: dict) -> tuple[list[str], list[tuple]]:
+    with torch.device("meta"):
+        model = _moco_from_config(arch, img_size, cfg)
+    named = list(model.momentum_encoder.named_parameters())
+    return [f"momentum_encoder.{n}" for n, _ in named], [tuple(p.shape) for _, p in named]
+
+
+def _moco_from_config(arch: str, img_size: int, cfg: dict | None):
+    from fastmoco.moco import MoCo
+
+    moco = (cfg or {}).get("moco", {})
+    frozen = (cfg or {}).get("model", {}).get("frozen_patch_embed", True)
+    return MoCo(arch, img_size=img_size, dim=moco.get("dim", 256), mlp_dim=moco.get("mlp_dim", 4096),
+                tau=moco.get("tau", 0.2), frozen_patch_embed=frozen)
+
+
+def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int]:
+    """(arch, img_size) of a backbone state dict, from its shapes."""
+    try:
+        width = sd[prefix + "cls_token"].shape[-1]
+        patch = sd[prefix + "patch_embed.proj.weight"].shape[-1]
+        tokens = sd[prefix + "pos_embed"].shape[1]
+    except KeyError as e:
+        raise WeightsError(f"{path}: no {e.args[0]!r}: not a ViT backbone state dict") from None
+    depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
+    for arch, size in VIT_SIZES.items():
+        if (size.embed_dim, size.depth, size.patch_size) == (width, depth, patch):
+            grid = round((tokens - 1) ** 0.5)
+            return arch, grid * patch
+    raise WeightsError(f"{path}: a ViT of width {width}, depth {depth}, patch {patch} matches no known arch "
+                       f"({', '.join(VIT_SIZES)})")
+
+
+def load_official(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
+    """An official MoCo v3 checkpoint ({"state_dict": {"module.<name>": ...}}) as fastmoco names."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - anything that is not plain tensors is refused
+        raise WeightsError(f"{path}: cannot be read as weights only ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise WeightsError(f"{path}: no 'state_dict' in it: not an official MoCo v3 checkpoint")
+    sd = {k[len(OFFICIAL_PREFIX):] if k.startswith(OFFICIAL_PREFIX) else k: v
+          for k, v in ckpt["state_dict"].items()}
+    arch_key = ckpt.get("arch")
+    if isinstance(arch_key, str) and arch_key.startswith("vit_conv"):
+        raise WeightsError(f"{path}: arch {arch_key!r} (conv stem) is not supported yet")
+    arch, img_size = _arch_from_backbone(sd, ENCODERS["online"], path)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return sd, WeightsInfo(arch, img_size, "official", str(path), ckpt.get("epoch"))
+
+
+def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
+    """A backbone exported by `export` (timm names), as the online encoder's weights."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        sd = {k: f.get_tensor(k).float() if f.get_tensor(k).is_floating_point() else f.get_tensor(k)
+              for k in f.keys()}
+    arch, img_size = _arch_from_backbone(sd, "", path)
+    return {ENCODERS["online"] + k: v for k, v in sd.items()}, WeightsInfo(arch, img_size, "safetensors", str(path))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
+    """fp32 state dict (MoCo names) and what it is, from any source this module reads."""
+    p = Path(path)
+    if not p.exists():
+        raise WeightsError(f"checkpoint {str(path)!r} does not exist")
+    if p.is_dir():
+        return _load_fastmoco(resolve_checkpoint_dir(p))
+    if p.suffix == ".safetensors":
+        return load_safetensors_backbone(p)
+    return load_official(p)
+
+
+def backbone_state(sd: dict, encoder: str = "online", path: str = "") -> dict:
+    """The encoder's backbone (timm names, no MoCo head) out of a MoCo state dict."""
+    if encoder not in ENCODERS:
+        raise WeightsError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
+    prefix = ENCODERS[encoder]
+    out = {k[len(prefix):]: v for k, v in sd.items()
+           if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD_PREFIX)}
+    if not out:
+        raise WeightsError(f"{path}: holds no {encoder} encoder (no {prefix}* keys)")
+    return out
+
+
+def load_into(module: torch.nn.Module, sd: dict, path: str, *, strict: bool = True) -> None:
+    """Copy `sd` into `module`, naming every missing/unexpected key and shape mismatch."""
+    own = module.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model"
+           for k, v in sd.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(set(own) - set(sd)) if strict else []
+    unexpected = sorted(set(sd) - set(own))
+    if bad or missing or unexpected:
+        lines = bad[:5] + [f"missing: {', '.join(missing[:5])}"] * bool(missing) + \
+            [f"unexpected: {', '.join(unexpected[:5])}"] * bool(unexpected)
+        raise WeightsError(f"{path}: does not fit the model ({'; '.join(lines)})")
+    module.load_state_dict(sd, strict=strict)
+
+
+def build_backbone(info: WeightsInfo, sd: dict, encoder: str = "online") -> VisionTransformer:
+    """An fp32 fastmoco ViT backbone holding the chosen encoder's weights."""
+    model = VisionTransformer(info.arch, img_size=info.img_size, frozen_patch_embed=False)
+    load_into(model, backbone_state(sd, encoder, info.path), info.path)
+    return model.eval()
+
+
+def init_from(model: torch.nn.Module, path: str | os.PathLike) -> WeightsInfo:
+    """Initial weights of a run (`model.init_from`): every key of the source must fit `model` (a MoCo);
+    a backbone-only source (safetensors) initialises both encoders' backbones."""
+    sd, info = load_weights(path)
+    if info.source == "safetensors":
+        backbone = backbone_state(sd, "online", info.path)
+        sd = {**{ENCODERS["online"] + k: v for k, v in backbone.items()},
+              **{ENCODERS["momentum"] + k: v for k, v in backbone.items()}}
+        load_into(model, sd, info.path, strict=False)
+    else:
+        load_into(model, sd, info.path)
+    return info
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def official_path_for(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".moco_v3.pth.tar" if out.suffix else out.name +
+                         ".moco_v3.pth.tar")
+
+
+def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "online",
+           official: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """Write the backbone as safetensors (timm names) to `out`, and the whole model in the official
+    MoCo v3 layout to `official` (default: <out stem>.moco_v3.pth.tar; "" to skip). Atomic."""
+    sd, info = load_weights(path)
+    backbone = {k: v.contiguous() for k, v in backbone_state(sd, encoder, info.path).items()}
+    size = VIT_SIZES[info.arch]
+    meta = {"format": "pt", "arch": info.arch, "timm_name": size.timm_name, "num_heads": str(size.num_heads),
+            "img_size": str(info.img_size), "encoder": encoder, "source": info.path,
+            "step": str(info.step if info.step is not None else "")}
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(backbone, str(tmp), metadata=meta)
+    _replace_atomically(tmp, out)
+    off = official_path_for(out) if official is None else (Path(official) if official else None)
+    if off is not None:
+        if info.source == "safetensors":
+            raise WeightsError(f"{path}: a backbone-only file has no MoCo heads for the official layout; "
+                               "pass official='' to skip it")
+        tmp = off.with_name(f".{off.name}.tmp")
+        torch.save({"state_dict": {OFFICIAL_PREFIX + k: v for k, v in sd.items()}, "arch": info.arch,
+                    "epoch": (info.config or {}).get("schedule", {}).get("epochs", 0)}, tmp)
+        _replace_atomically(tmp, off)
+    return out, off
