@@ -151,7 +151,6 @@ class Trainer:
             from fastmoco.evaluation.weights import init_from
             init_from(model, cfg.model.init_from)
         model = model.to(self.device)
-        fp32_momentum = [p.detach().clone() for p in model.momentum_encoder.parameters()] if self.bf16 else None
         params = [p for p in model.parameters() if p.requires_grad]
         o = cfg.optim
         if o.name != "adamw":
@@ -160,10 +159,11 @@ class Trainer:
                                       weight_decay=o.weight_decay, fused=self.use_cuda)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.model: MoCo = self.engine.module
-        # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters.
-        self.model.build_momentum_state(fp32_momentum, self.rank)
+        # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
+        # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.
+        self.model.build_momentum_state(self.optimizer, self.rank)
 
-        self.step, self.epoch, self.resumed_data = 0, 0, None
+        self.step, self.epoch = 0, 0
         self.saved_step = -1
         self.preempt = preempt or Preemption(every=cfg.logging.check_finite_every)
         if resume_path is not None:
@@ -190,9 +190,8 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         meta, state = checkpoint.load(self.engine, path)
         self.model.momentum_state.load_state_dict(state["momentum"])
-        self.step, self.epoch = meta["step"], meta["data"]["epoch"]
-        self.loader.load_state_dict(meta["data"])
-        self.resumed_data = meta["data"]
+        self.loader.load_state_dict(state["data"])  # this rank's data position (and DALI's random state)
+        self.step, self.epoch = meta["step"], self.loader.epoch
         self._print(f"resumed from {path} at step {self.step}")
 
     def _check_finite_weights(self) -> None:
@@ -208,11 +207,10 @@ class Trainer:
 
     def save(self) -> Path:
         self._check_finite_weights()
-        data = self.loader.state_dict()
-        if data["step"] >= len(self.loader):  # a finished epoch resumes at the start of the next
-            data = {"epoch": data["epoch"] + 1, "step": 0}
-        meta = {"data": data, "world_size": self.world, "run": self._run_shape(), "config": to_dict(self.cfg)}
-        per_rank = {"momentum": self.model.momentum_state.state_dict()}
+        data = self.loader.state_dict()  # the next batch's position (a finished epoch: the next one's start)
+        meta = {"data": {"epoch": data["epoch"], "step": data["step"]}, "world_size": self.world,
+                "run": self._run_shape(), "config": to_dict(self.cfg)}
+        per_rank = {"momentum": self.model.momentum_state.state_dict(), "data": data}
         path = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, meta=meta, per_rank=per_rank,
                                keep=self.cfg.checkpoint.keep)
         self.last_checkpoint, self.saved_step = path, self.step
@@ -245,10 +243,7 @@ class Trainer:
             self.evaluate(log)
         try:
             while self.step < stop and self.epoch < c.schedule.epochs and not stopped:
-                if self.resumed_data is None:
-                    self.loader.set_epoch(self.epoch)
-                self.resumed_data = None
-                for x1, x2, _ in self.loader:
+                for x1, x2, _ in self.loader:  # the rest of the loader's epoch
                     log.record(self.train_step(x1, x2))
                     self.step += 1
                     log.after_step(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
