@@ -22,7 +22,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
 
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
@@ -123,20 +123,20 @@ class TwoCropDataset(torch.utils.data.Dataset):
 
 
 class _BatchSampler:
-    """Batches of (epoch, index) for the loader's current epoch and step."""
+    """Batches of (epoch, index) from the loader's cursor to the end of the cursor's epoch."""
 
-    def __init__(self, loader: TorchvisionTwoCropLoader):
-        self.loader = loader
+    def __init__(self, cursor: DataCursor):
+        self.cursor = cursor
 
     def __iter__(self):
-        ld = self.loader
-        idx = ld.plan.epoch_indices(ld.epoch, ld.step).tolist()
-        b = ld.batch_size
-        for i in range(0, len(idx), b):
-            yield [(ld.epoch, j) for j in idx[i:i + b]]
+        start = self.cursor.epoch
+        for epoch, _, idx in self.cursor.batches():
+            if epoch != start:
+                return
+            yield [(epoch, int(j)) for j in idx]
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.cursor.plan.num_batches
 
 
 class TorchvisionTwoCropLoader(TwoCropLoader):
@@ -154,10 +154,10 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
         # Workers are forked per iteration (cheap next to an epoch): persistent ones
         # were seen to stall interpreter shutdown / garbage collection for 5 s each.
         self.dataloader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_BatchSampler(self), num_workers=workers, pin_memory=pin,
+            self.dataset, batch_sampler=_BatchSampler(self.cursor), num_workers=workers, pin_memory=pin,
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
-    def _iter_batches(self):
+    def _batches(self):
         for v1, v2, labels in self.dataloader:
             yield (v1.to(self.device, self.dtype, non_blocking=True),
                    v2.to(self.device, self.dtype, non_blocking=True),
