@@ -1,7 +1,7 @@
 """Per-iteration schedules, precomputed (DINO's practice): deterministic and trivially resumable.
 
 lr_t: linear warmup from 0 to base_lr * global_batch / 256, then half-cosine to 0;
-m_t  = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2;  weight decay constant.
+m_t  = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2. Weight decay is constant: the optimizer's own.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ def momentum_cosine(m0: float, total_steps: int) -> torch.Tensor:
 class Schedules:
     lr: torch.Tensor        # (T,) float64, host
     momentum: torch.Tensor  # (T,) float64, host
-    weight_decay: float
 
     @property
     def total_steps(self) -> int:
@@ -36,8 +35,7 @@ class Schedules:
 
 
 def build_schedules(*, base_lr: float, global_batch: int, epochs: int, warmup_epochs: float,
-                    steps_per_epoch: int, m0: float, cosine_momentum: bool = True,
-                    weight_decay: float = 0.1) -> Schedules:
+                    steps_per_epoch: int, m0: float, cosine_momentum: bool = True) -> Schedules:
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch} "
                          "(is the dataset smaller than one global batch?)")
@@ -45,4 +43,4 @@ def build_schedules(*, base_lr: float, global_batch: int, epochs: int, warmup_ep
     peak = base_lr * global_batch / 256
     lr = warmup_cosine(peak, total, round(warmup_epochs * steps_per_epoch))
     mom = momentum_cosine(m0, total) if cosine_momentum else torch.full((total,), m0, dtype=torch.float64)
-    return Schedules(lr=lr, momentum=mom, weight_decay=weight_decay)
+    return Schedules(lr=lr, momentum=mom)

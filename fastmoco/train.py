@@ -139,7 +139,7 @@ class Trainer:
         self.sched = build_schedules(base_lr=cfg.optim.base_lr, global_batch=self.global_batch,
                                      epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
                                      steps_per_epoch=self.steps_per_epoch, m0=cfg.moco.momentum,
-                                     cosine_momentum=cfg.moco.momentum_cosine, weight_decay=cfg.optim.weight_decay)
+                                     cosine_momentum=cfg.moco.momentum_cosine)
         self.lrs = self.sched.lr.tolist()
         self.momenta = self.sched.momentum.tolist()
         # m_t read on the device by the EMA: indexing with a Python int is a view, not a sync

@@ -3,9 +3,9 @@
     loader = build_loader(cfg.data, batch_size=256, shard_id=rank, num_shards=world,
                           device="cuda", dtype=torch.bfloat16)
     steps_per_epoch = len(loader)
-    for epoch in range(start_epoch, epochs):
-        loader.set_epoch(epoch)          # (skip on the epoch a checkpoint resumes)
-        for view1, view2, labels in loader:
+    loader.load_state_dict(saved)        # resuming: what loader.state_dict() gave
+    while loader.epoch < epochs:
+        for view1, view2, labels in loader:   # the rest of the loader's epoch
             ...
 
 Backends: DALI (default; GPU decode and augmentation, or its CPU twin when
@@ -18,12 +18,12 @@ import warnings
 
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
 from .folder import BadImageWarning, DatasetError, check_image_file, scan_image_folder
 from .synthetic import SyntheticTwoCropLoader
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
+    "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
     "TwoCropLoader", "augment_params", "benchmark_pipeline", "build_loader", "check_image_file", "mix_seed",
     "scan_image_folder",
 ]
@@ -40,7 +40,7 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
         raise ValueError(f"data.source must be 'folder' or 'synthetic', got {cfg.source!r}")
     if cfg.backend not in ("dali", "torchvision"):
         raise ValueError(f"data.backend must be 'dali' or 'torchvision', got {cfg.backend!r}")
-    samples = scan_image_folder(cfg.path, cfg.file_list)
+    samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction)
     kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
                   dtype=dtype, train=train)
     if cfg.backend == "dali":

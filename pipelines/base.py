@@ -2,8 +2,16 @@
 
 A loader yields `(view1, view2, labels)` for the rest of the current epoch:
 views (B, 3, S, S) NCHW contiguous on the target device in the training dtype,
-normalised with ImageNet mean/std; labels int64 (B,). `set_epoch(e)` before
-each epoch; `state_dict()` / `load_state_dict()` give {"epoch", "step"}.
+normalised with ImageNet mean/std; labels int64 (B,). Iterating it again goes
+on with the next epoch.
+
+Position (`DataCursor`, one per loader): the (epoch, step) of the next batch is
+the only record of where a loader is. Every backend pulls its batches from it:
+`cursor.batches()` gives (epoch, step, sample indices) from that position on,
+across epoch ends when training. `state_dict()` is the position, normalised (a
+finished epoch is (epoch + 1, 0)), plus what a backend needs to continue
+exactly (DALI: its random generators' state); resume is `load_state_dict`.
+`set_epoch(e)` jumps to the start of epoch e.
 
 Epoch order (`ShardPlan`): one global permutation of all samples per
 (seed, epoch), identical on every rank, cut into global batches of
@@ -95,15 +103,62 @@ class ShardPlan:
         return idx[start_step * self.batch_size:end]
 
 
+class DataCursor:
+    """(epoch, step) of the next batch of a `ShardPlan`, and the batches from there on.
+
+    A position is always normalised: `step` lies in [0, num_batches) when training (the end of an
+    epoch is the start of the next); evaluation walks one epoch, so its end is (epoch + 1, 0) too.
+    `moves` counts jumps (a `seek` elsewhere), so a backend that runs ahead (DALI) knows when to restart.
+    """
+
+    def __init__(self, plan: ShardPlan):
+        self.plan = plan
+        self.epoch = self.step = 0
+        self.moves = 0
+
+    def seek(self, epoch: int, step: int) -> None:
+        if not 0 <= step <= self.plan.num_batches:
+            raise ValueError(f"step {step} out of range for an epoch of {self.plan.num_batches} batches")
+        before = (self.epoch, self.step)
+        self.epoch, self.step = int(epoch), int(step)
+        self._normalise()
+        self.moves += (self.epoch, self.step) != before
+
+    def advance(self) -> None:
+        """The consumer took the batch at the position."""
+        self.step += 1
+        self._normalise()
+
+    def _normalise(self) -> None:
+        if self.step >= self.plan.num_batches:
+            self.epoch, self.step = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step}
+
+    def batches(self, across_epochs: bool | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(epoch, step, sample indices) from the position on, without moving it; through every later
+        epoch when `across_epochs` (default: when training), else to the end of this epoch."""
+        across_epochs = self.plan.train if across_epochs is None else across_epochs
+        epoch, step = self.epoch, self.step
+        b = self.plan.batch_size
+        while True:
+            idx = self.plan.epoch_indices(epoch)
+            for s in range(step, self.plan.num_batches):
+                yield epoch, s, idx[s * b:(s + 1) * b]
+            if not across_epochs:
+                return
+            epoch, step = epoch + 1, 0
+
+
 class TwoCropLoader(abc.ABC):
     """Interface of the DALI, torchvision and synthetic two-crop loaders."""
 
     def __init__(self, plan: ShardPlan, device: torch.device | str, dtype: torch.dtype):
         self.plan = plan
+        self.cursor = DataCursor(plan)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.epoch = 0
-        self.step = 0   # batches already yielded in `self.epoch`
 
     # -- the interface ---------------------------------------------------------
     def __len__(self) -> int:
@@ -117,30 +172,30 @@ class TwoCropLoader(abc.ABC):
     def batch_size(self) -> int:
         return self.plan.batch_size
 
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch."""
+        return self.cursor.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.step = int(epoch), 0
+        self.cursor.seek(epoch, 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, sd: dict) -> None:
-        step = int(sd["step"])
-        if not 0 <= step <= len(self):
-            raise ValueError(f"step {step} out of range for an epoch of {len(self)} batches")
-        self.epoch, self.step = int(sd["epoch"]), step
+        self.cursor.seek(int(sd["epoch"]), int(sd["step"]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for v1, v2, labels in self._iter_batches():
-            self.step += 1
-            yield v1, v2, labels
+        """The rest of the cursor's epoch; the cursor moves past each batch as it is handed out."""
+        epoch = self.cursor.epoch
+        batches = self._batches()
+        while self.cursor.epoch == epoch:
+            batch = next(batches)
+            self.cursor.advance()
+            yield batch
 
     # -- what a backend provides -----------------------------------------------
     @abc.abstractmethod
-    def _iter_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Batches `self.step`, `self.step + 1`, ... of `self.epoch` (the caller counts steps)."""
-
-    def _batch_sizes(self) -> list[int]:
-        """Sizes of the batches still to come this epoch (only the last may be partial)."""
-        n = len(self.plan.epoch_indices(self.epoch, self.step))
-        b = self.batch_size
-        return [min(b, n - i) for i in range(0, n, b)]
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of `self.cursor.batches()`, in order (the caller moves the cursor)."""

@@ -102,14 +102,8 @@ class _Endless:
         self.loader = loader
 
     def __iter__(self):
-        while True:
-            got = False
-            for batch in self.loader:
-                got = True
-                yield batch
-            if not got and len(self.loader) == 0:
-                return
-            self.loader.set_epoch(self.loader.epoch + 1)
+        while len(self.loader):
+            yield from self.loader  # each pass: the rest of the loader's epoch; then it goes on with the next
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,24 +50,28 @@ Evaluation (`train=False`): resize shorter side to S/0.875, centre crop S,
 normalise; both views are that same image.
 
 Input, seeding and resume (`DaliTwoCropLoader`): the graph reads encoded
-files from an external source (`EncodedFeeder`) that follows the shard's
-plan (`ShardPlan`) batch by batch and, when training, runs on into the next
-epoch's order, so one pipeline serves the whole run (no rebuild per epoch).
-A resumed run reads the same files in the same batches from the saved (epoch,
-step). DALI's random ops are seeded with `mix_seed(seed, epoch, step)` where
-the pipeline starts: the same (seed, epoch, step) always gives the same
-augmentations, but a run resumed at step k draws different augmentations
-from the uninterrupted run after step k.
+files from an external source (`EncodedFeeder`) that pulls (epoch, step,
+indices) batches from the loader's cursor (`DataCursor`) and, when training,
+runs on into the next epoch's order, so one pipeline serves the whole run (no
+rebuild per epoch). DALI's random ops are seeded with `mix_seed(seed, epoch,
+step)` where a pipeline starts, and the pipeline is built with DALI's
+checkpointing on: the loader's `state_dict()` carries the random generators'
+state after the last batch handed out (`pipe.checkpoint()`, base64, a few
+hundred bytes; one per rank), and `load_state_dict` builds the pipeline from
+it, so a resumed run draws exactly the augmentations of the uninterrupted one.
+A jump without that state (`set_epoch`, a position alone) is reproducible from
+its (seed, epoch, step) but not the uninterrupted run's draws.
 """
 from __future__ import annotations
 
+import base64
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
 
 try:
     import nvidia.dali.fn as fn
@@ -161,36 +165,25 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
 
 
 class EncodedFeeder:
-    """The external source of the graph: batches of (encoded file bytes, label) in the shard's
-    order, epoch after epoch, with no pipeline rebuild between epochs.
+    """The external source of the graph: batches of (encoded file bytes, label) as the loader's
+    cursor lists them from where the pipeline starts, with no rebuild between epochs.
 
-    Training batches run on from (epoch, step) through every later epoch (DALI prefetches
-    a few batches ahead, into the next epoch at the end of one). Evaluation walks one epoch
-    and pads its last batch by repeating samples (the loader drops the padding).
-    Files are read by a small thread pool: file reads release the GIL.
+    Training batches run on through every later epoch (DALI prefetches a few batches ahead,
+    into the next epoch at the end of one). Evaluation walks one epoch and pads its last batch
+    by repeating samples (the loader drops the padding). Files are read by a small thread
+    pool: file reads release the GIL.
     """
 
-    def __init__(self, files: list[str], labels: np.ndarray, plan: ShardPlan, epoch: int, step: int,
-                 num_threads: int = 8):
-        self.files, self.labels, self.plan = files, labels, plan
-        self.epoch, self.step = epoch, step
-        self._order = None
+    def __init__(self, files: list[str], labels: np.ndarray, cursor: DataCursor, num_threads: int = 8):
+        self.files, self.labels = files, labels
+        self.batch_size = cursor.plan.batch_size
+        self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
 
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, self.plan.epoch_indices(self.epoch))
-        return self._order[1]
-
     def __call__(self):
-        b = self.plan.batch_size
-        order = self._epoch_order()
-        idx = order[self.step * b:(self.step + 1) * b]
-        if len(idx) < b:  # evaluation's last batch: pad
-            idx = np.resize(np.concatenate([idx, order[:b]]) if len(idx) else order[:b], b)
-        self.step += 1
-        if self.plan.train and self.step >= self.plan.num_batches:
-            self.epoch, self.step = self.epoch + 1, 0
+        _, _, idx = next(self._batches)
+        if len(idx) < self.batch_size:  # evaluation's last batch: pad
+            idx = np.resize(idx, self.batch_size)
         encoded = list(self._pool.map(lambda i: np.fromfile(self.files[i], dtype=np.uint8), idx))
         labels = [self.labels[i:i + 1] for i in idx]
         return encoded, labels
@@ -268,27 +261,51 @@ class DaliTwoCropLoader(TwoCropLoader):
         self.last_debug: dict | None = None
         self._pipe = None
         self._feeder: EncodedFeeder | None = None
-        self._pipe_next: tuple[int, int] | None = None   # (epoch, step) the pipeline yields next
+        self._pipe_moves = -1   # the cursor's `moves` when the pipeline was built: another means a jump
+        self._pipe_ran = False  # whether the pipeline handed out a batch since it was built
+        self._dali_state: str | None = None  # random state to build the next pipeline from (resume)
+
+    def state_dict(self) -> dict:
+        """The position and, when training, DALI's random state there (None if unknown: after a jump)."""
+        sd = super().state_dict()
+        if self.train:
+            current = self._pipe is not None and self._pipe_moves == self.cursor.moves and self._pipe_ran
+            sd["dali"] = base64.b64encode(self._pipe.checkpoint()).decode() if current else self._dali_state
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        self._dali_state = sd.get("dali")
+
+    def set_epoch(self, epoch: int) -> None:
+        moves = self.cursor.moves
+        super().set_epoch(epoch)
+        if self.cursor.moves != moves:  # a jump: the loaded random state is not this position's
+            self._dali_state = None
 
     def _build(self):
-        """One pipeline from (epoch, step) on; training runs it through every later epoch."""
+        """One pipeline from the cursor's position on; training runs it through every later epoch.
+        Its random ops start from the loaded DALI state if there is one, else from a seed."""
         if self._feeder is not None:
             self._feeder.close()
-        self._pipe, self._pipe_next, self._feeder = None, None, None
-        if len(self.plan.epoch_indices(self.epoch, self.step)) == 0:
-            return
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
-        self._feeder = EncodedFeeder(self.files, self.labels, self.plan, self.epoch, self.step,
+        self._feeder = EncodedFeeder(self.files, self.labels, self.cursor,
                                      num_threads=min(8, max(1, self.cfg.num_threads)))
+        restore = {}
+        if self._dali_state is not None:
+            restore["checkpoint"] = base64.b64decode(self._dali_state)
         pipe = two_crop_pipeline(
             self._feeder, device="gpu" if gpu else "cpu", aug=self.aug, train=self.train,
             hw_decoder_load=self.hw_decoder_load, debug=self.debug,
             batch_size=self.batch_size, num_threads=self.cfg.num_threads, device_id=device_id,
-            seed=mix_seed(self.cfg.seed, self.epoch, self.step), prefetch_queue_depth=self.prefetch_queue_depth)
-        pipe.build()
-        self._pipe, self._pipe_next = pipe, (self.epoch, self.step)
+            seed=mix_seed(self.cfg.seed, self.cursor.epoch, self.cursor.step),
+            prefetch_queue_depth=self.prefetch_queue_depth, enable_checkpointing=self.train, **restore)
+        with warnings.catch_warnings():  # the feeder follows the cursor: DALI need not restore it
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            pipe.build()
+        self._pipe, self._pipe_moves, self._pipe_ran = pipe, self.cursor.moves, False
 
     def _to_torch(self, out, n: int) -> torch.Tensor:
         """A DALI batch output as a torch tensor on self.device, first `n` samples."""
@@ -308,22 +325,19 @@ class DaliTwoCropLoader(TwoCropLoader):
             t = torch.from_numpy(np.array(out.as_array()))   # own copy: DALI reuses its buffers
         return t[:n]
 
-    def _iter_batches(self):
-        if self._pipe_next != (self.epoch, self.step):
+    def _batches(self):
+        if self._pipe is None or self._pipe_moves != self.cursor.moves:
             self._build()
-        for n in self._batch_sizes():
+        for _, _, idx in self.cursor.batches():
             outs = self._pipe.run()
+            self._pipe_ran = True
+            n = len(idx)
             # ONE fused cast per view (float32 -> bf16 on the GPU); labels to int64.
             v1 = self._to_torch(outs[0], n).to(self.dtype, memory_format=torch.contiguous_format)
             v2 = self._to_torch(outs[1], n).to(self.dtype, memory_format=torch.contiguous_format)
             labels = self._to_torch(outs[2], n).reshape(-1).to(torch.int64)
             if self.debug:
                 self.last_debug = self._debug_outputs(outs[3:], n)
-            # where the pipeline goes on: the next batch, or (training) the next epoch's first
-            nxt = (self.epoch, self.step + 1)
-            if self.train and nxt[1] >= len(self):
-                nxt = (self.epoch + 1, 0)
-            self._pipe_next = nxt
             yield v1, v2, labels
 
     @staticmethod
@@ -341,9 +355,3 @@ class DaliTwoCropLoader(TwoCropLoader):
                         arr = arr[:, 0]
                 res[f"{key}{view}"] = arr
         return res
-
-
-def check_dali_available() -> bool:
-    if not HAS_DALI:
-        warnings.warn("nvidia-dali is not installed: falling back to the torchvision loader", stacklevel=2)
-    return HAS_DALI

@@ -73,9 +73,8 @@ class SyntheticTwoCropLoader(TwoCropLoader):
         self.image_size = cfg.image_size
         self.train = train
 
-    def _iter_batches(self):
-        idx = torch.from_numpy(self.plan.epoch_indices(self.epoch, self.step)).to(self.device)
-        for i in range(0, idx.numel(), self.batch_size):
-            v1, v2, labels = synthetic_batch(idx[i:i + self.batch_size], seed=self.seed, epoch=self.epoch,
+    def _batches(self):
+        for epoch, _, idx in self.cursor.batches():
+            v1, v2, labels = synthetic_batch(torch.from_numpy(idx).to(self.device), seed=self.seed, epoch=epoch,
                                              image_size=self.image_size, train=self.train)
             yield v1.to(self.dtype), v2.to(self.dtype), labels

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from cursor_checks import assert_resume_is_uninterrupted
 from fastmoco.config import DataConfig
 from fastmoco.pipelines import (BadImageWarning, DatasetError, ShardPlan, SyntheticTwoCropLoader, build_loader,
                                 scan_image_folder)
+from fastmoco.pipelines.base import DataCursor
 from fastmoco.pipelines.demo_data import make_demo_data
 from fastmoco.pipelines.torchvision_loader import TorchvisionTwoCropLoader, crop_window
 
@@ -150,7 +152,7 @@ def test_synthetic_shapes_determinism_and_bit_identical_resume():
     resumed = build_loader(cfg, batch_size=8)
     resumed.load_state_dict({"epoch": 2, "step": 3})
     rest = _collect(resumed)
-    assert len(rest) == 5 and resumed.state_dict() == {"epoch": 2, "step": 8}
+    assert len(rest) == 5 and resumed.state_dict() == {"epoch": 3, "step": 0}  # a finished epoch: the next
     for a, b in zip(full[3:], rest):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     ld.set_epoch(3)
@@ -174,6 +176,30 @@ def test_synthetic_shards_and_partial_iteration():
         seen += [first[2]] + [b[2] for b in rest]
         assert len(rest) == len(ld) - 1
     assert len(torch.cat(seen)) == 40
+
+
+def test_cursor_positions_and_batches_across_epochs():
+    """The cursor: normalised positions, and its batches are the plan's, epoch after epoch."""
+    plan = ShardPlan(23, 4, shard_id=1, num_shards=2, seed=3)  # 11 per shard: 2 batches, 3 dropped
+    cursor = DataCursor(plan)
+    cursor.seek(1, 1)
+    got = [(e, s, idx.tolist()) for (e, s, idx), _ in zip(cursor.batches(), range(5))]
+    want = [(e, s, plan.epoch_indices(e)[4 * s:4 * s + 4].tolist()) for e, s in ((1, 1), (2, 0), (2, 1), (3, 0), (3, 1))]
+    assert got == want and cursor.state_dict() == {"epoch": 1, "step": 1}  # batches() does not move it
+    cursor.advance()
+    assert cursor.state_dict() == {"epoch": 2, "step": 0}
+    cursor.seek(4, 2)  # the end of epoch 4 is the start of 5
+    assert cursor.state_dict() == {"epoch": 5, "step": 0}
+    with pytest.raises(ValueError, match="out of range"):
+        cursor.seek(0, 3)
+    evaluation = DataCursor(ShardPlan(10, 4, train=False))
+    assert [len(idx) for _, _, idx in evaluation.batches()] == [4, 4, 2]  # one epoch, last batch partial
+
+
+def test_synthetic_cursor_resume_across_epoch_ends():
+    cfg = DataConfig(source="synthetic", image_size=16, synthetic_size=30, seed=2)
+    make = lambda: build_loader(cfg, batch_size=4, shard_id=1, num_shards=2)  # noqa: E731  (3 per epoch)
+    assert_resume_is_uninterrupted(make, stops=[2, 3, 7], total=10)
 
 
 # --- torchvision fallback -----------------------------------------------------------------------
@@ -217,6 +243,13 @@ def test_torchvision_loader_resume_is_bit_identical(small_photos, workers):
 
 
 # --- build_loader -------------------------------------------------------------------------------
+
+def test_torchvision_cursor_resume_across_epoch_ends(small_photos):
+    cfg = DataConfig(path=str(small_photos), backend="torchvision", image_size=24, seed=3)
+    samples = scan_image_folder(small_photos)
+    make = lambda: TorchvisionTwoCropLoader(samples, cfg, batch_size=6, num_workers=0)  # noqa: E731  (3 per epoch)
+    assert_resume_is_uninterrupted(make, stops=[2, 3, 4], total=7)
+
 
 def test_build_loader_picks_backend_and_falls_back(small_photos, monkeypatch):
     import fastmoco.pipelines.dali as dali_mod

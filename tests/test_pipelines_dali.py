@@ -20,6 +20,7 @@ from fastmoco.config import DataConfig  # noqa: E402
 from fastmoco.pipelines import BadImageWarning, scan_image_folder  # noqa: E402
 from fastmoco.pipelines.dali import DaliTwoCropLoader  # noqa: E402
 from fastmoco.pipelines.demo_data import make_demo_data  # noqa: E402
+from cursor_checks import assert_resume_is_uninterrupted  # noqa: E402
 from test_pipelines import make_bad_folder  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
@@ -72,7 +73,7 @@ def test_shapes_dtypes_ranges_and_epoch_length(mixed):
     assert len(ld) == 3 and ld.num_samples == 26
     ld.set_epoch(0)
     batches = list(ld)
-    assert len(batches) == 3 and ld.state_dict() == {"epoch": 0, "step": 3}
+    assert len(batches) == 3 and ld.epoch == 1                   # a finished epoch: the position is the next one's start
     lo, hi = (0 - MEAN) / STD, (255 - MEAN) / STD
     for v1, v2, labels in batches:
         for v in (v1, v2):
@@ -82,7 +83,8 @@ def test_shapes_dtypes_ranges_and_epoch_length(mixed):
             assert np.isfinite(vn).all() and vn.std() > 0.3
         assert labels.dtype == torch.int64 and labels.shape == (8,) and ((labels >= 0) & (labels < 11)).all()
         assert (v1 - v2).abs().mean() > 0.1                     # two different views
-    assert list(ld) == []                                         # the epoch is over until set_epoch
+    sd = ld.state_dict()
+    assert (sd["epoch"], sd["step"]) == (1, 0) and isinstance(sd["dali"], str)  # DALI's random state rides along
 
 
 def test_augmentation_statistics_follow_the_config(photos):
@@ -216,20 +218,32 @@ def test_seeded_determinism_and_resume(mixed):
     it = iter(first)
     next(it), next(it)
     sd = first.state_dict()
-    assert sd == {"epoch": 1, "step": 2}
+    assert (sd["epoch"], sd["step"]) == (1, 2)
     resumed = DaliTwoCropLoader(mixed, cfg, batch_size=4, debug=True)
     resumed.load_state_dict(sd)
     rest = epoch_batches(resumed)
-    assert len(rest) == 4 and resumed.state_dict() == {"epoch": 1, "step": 6}
-    for x, y in zip(a[2:], rest):                                   # the file sequence continues exactly
+    assert len(rest) == 4 and (resumed.state_dict()["epoch"], resumed.state_dict()["step"]) == (2, 0)
+    for x, y in zip(a[2:], rest):                                   # the file sequence and the augmentations continue exactly
         assert torch.equal(x[2], y[2]) and np.array_equal(x[3], y[3])
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     again = DaliTwoCropLoader(mixed, cfg, batch_size=4, debug=True)
-    again.load_state_dict(sd)
-    for x, y in zip(rest, epoch_batches(again)):                    # augmentations re-seeded from (seed, epoch, step)
+    again.load_state_dict({"epoch": 1, "step": 2})                   # a position alone: re-seeded from (seed, epoch, step)
+    b1 = epoch_batches(again)
+    again2 = DaliTwoCropLoader(mixed, cfg, batch_size=4, debug=True)
+    again2.load_state_dict({"epoch": 1, "step": 2})
+    for x, y in zip(b1, epoch_batches(again2)):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     # the same loader, continuing after a break, also continues the sequence
     for x, y in zip(a[2:], epoch_batches(first)):
         assert torch.equal(x[2], y[2]) and np.array_equal(x[3], y[3])
+
+
+def test_cursor_resume_across_epoch_ends_is_uninterrupted(mixed):
+    """Saved at any position (mid-epoch, an epoch end), a fresh loader given the state continues
+    with the uninterrupted run's batches: files and augmentations, bit for bit."""
+    cfg = _cfg(image_size=24, seed=3)
+    make = lambda: DaliTwoCropLoader(mixed, cfg, batch_size=8)  # noqa: E731  (3 batches per epoch)
+    assert_resume_is_uninterrupted(make, stops=[2, 3, 4], total=7)
 
 
 def test_eval_mode_keeps_order_and_partial_batch(mixed):

@@ -8,7 +8,7 @@ from fastmoco.schedules import build_schedules
 def test_lr_momentum_at_key_steps():
     spe, epochs, warm = 10, 300, 40
     s = build_schedules(base_lr=1.5e-4, global_batch=4096, epochs=epochs, warmup_epochs=warm,
-                        steps_per_epoch=spe, m0=0.99, weight_decay=0.1)
+                        steps_per_epoch=spe, m0=0.99)
     T, W = epochs * spe, warm * spe
     peak = 1.5e-4 * 4096 / 256
     assert s.total_steps == T
@@ -23,7 +23,6 @@ def test_lr_momentum_at_key_steps():
     assert s.momentum[T // 2] == pytest.approx(0.995, abs=1e-12)
     assert s.momentum[T - 1] == pytest.approx(1 - 0.01 * 0.5 * (1 + math.cos(math.pi * (T - 1) / T)), abs=1e-15)
     assert (s.momentum[1:] >= s.momentum[:-1]).all()
-    assert s.weight_decay == 0.1
 
 
 def test_constant_momentum_and_bad_epoch_length():

@@ -197,6 +197,3 @@ class VisionTransformer(nn.Module):
         """State dict in timm's names, without the MoCo head."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
 
-
-def vit(arch: str, **kwargs) -> VisionTransformer:
-    return VisionTransformer(arch, **kwargs)
