@@ -42,12 +42,12 @@ class MoCo(nn.Module):
                    tau=moco_cfg.tau, frozen_patch_embed=model_cfg.frozen_patch_embed,
                    grad_checkpointing=model_cfg.grad_checkpointing)
 
-    def build_momentum_state(self, fp32_values: list[torch.Tensor] | None = None, rank: int = 0) -> MomentumState:
+    def build_momentum_state(self, optimizer=None, rank: int = 0) -> MomentumState:
         """(Re)build the EMA state over the parameters' current storage. A wrapper that casts the
-        module (DeepSpeed bf16) or re-points parameters (ZeRO) calls this afterwards, with the
-        momentum weights' fp32 values taken before the cast, so the master stays fp32."""
+        module (DeepSpeed bf16) or re-points parameters (ZeRO) calls this afterwards, with its
+        optimizer: under bf16 the EMA blends that optimizer's fp32 master weights."""
         self.momentum_state = MomentumState(list(self.momentum_encoder.parameters()),
-                                            list(self.base_encoder.parameters()), fp32_values, rank)
+                                            list(self.base_encoder.parameters()), optimizer, rank)
         return self.momentum_state
 
     @torch.no_grad()

@@ -14,8 +14,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x):  # (B, C)
         world = get_world_size()
-        if not self.training or world == 1:
+        stats_dtype = x.dtype if self.running_mean is None else self.running_mean.dtype
+        if (not self.training or world == 1) and x.dtype == stats_dtype:
             return super().forward(x)
+        if not self.training:  # bf16 module, fp32 buffers (DeepSpeed keeps them): normalise in fp32
+            w, b = (self.weight.float(), self.bias.float()) if self.affine else (None, None)
+            return torch.nn.functional.batch_norm(x.float(), self.running_mean, self.running_var, w, b,
+                                                  eps=self.eps).to(x.dtype)
         xf = x.float()
         c = xf.shape[1]
         n = xf.shape[0] * world
