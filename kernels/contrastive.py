@@ -33,25 +33,34 @@ Reference: `contrastive_loss_ref` below (fp32 PyTorch).
 from __future__ import annotations
 
 import functools
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .interpreter import interpreting
+
 _EPS = 1e-12  # F.normalize's eps
 # Keys per split are a multiple of this, so every BLOCK_N of the configs divides them.
 _SPLIT_ALIGN = 128
 # A split streams at least this many keys: fewer and the partials cost more than they save.
 _MIN_KEYS_PER_SPLIT = 512
 _EST_BLOCK_M = 64  # row-block size assumed when choosing the number of splits
-# Tuning knob for benches: force the number of key splits (0: the heuristic below).
-_SPLITS_OVERRIDE = int(os.environ.get("FASTMOCO_CONTRASTIVE_SPLITS", "0")) or None
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): logits in base 2, so that exp2 (the fast path) applies
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): a base-2 log-sum-exp back to natural log
 # Interpreter tile sizes: small enough to exercise masks and several key tiles at test shapes.
 _INTERP_BLOCK_M, _INTERP_BLOCK_N = 64, 128
 _ROWS_PER_PROLOGUE = 32  # rows per program in the norm and reduce kernels
+
+
+@triton.jit
+def _of_pair(pair, a_ptr, b_ptr):
+    """The pointer of `pair` (0: the a tensor, 1: the b tensor); a program handles one pair."""
+    if pair == 0:
+        ptr = a_ptr
+    else:
+        ptr = b_ptr
+    return ptr
 
 
 @triton.jit
@@ -65,10 +74,7 @@ def _contrastive_rnorm_kernel(
 ):
     pid = tl.program_id(0)
     pair = tl.program_id(1)
-    if pair == 0:
-        k_ptr = ka_ptr
-    else:
-        k_ptr = kb_ptr
+    k_ptr = _of_pair(pair, ka_ptr, kb_ptr)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < M
@@ -79,15 +85,12 @@ def _contrastive_rnorm_kernel(
 
 
 @triton.jit
-def _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, UPCAST: tl.constexpr):
+def _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, IS_INTERPRETER: tl.constexpr):
     """The raw q tile of `pair` (dot operand) and its rows' 1 / max(|q|, eps) in fp32."""
-    if pair == 0:
-        q_ptr = qa_ptr
-    else:
-        q_ptr = qb_ptr
+    q_ptr = _of_pair(pair, qa_ptr, qb_ptr)
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + cols[None, :],
                 mask=(rows < N)[:, None] & (cols < C)[None, :], other=0.0)
-    if UPCAST:
+    if IS_INTERPRETER:
         q = q.to(tl.float32)
     qf = q.to(tl.float32)
     rq = 1.0 / tl.maximum(tl.sqrt_rn(tl.sum(qf * qf, 1)), eps)
@@ -96,12 +99,12 @@ def _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, UPCAST: 
 
 @triton.jit
 def _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k,
-                 IS_FP32: tl.constexpr, UPCAST: tl.constexpr):
+                 IS_FP32: tl.constexpr, IS_INTERPRETER: tl.constexpr):
     """(BLOCK_M, BLOCK_N) logits * log2(e) against one key tile (-inf past M) and that raw tile."""
     kmask = keys < M
     k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * stride_k + cols[None, :],
                 mask=kmask[:, None] & (cols < C)[None, :], other=0.0)
-    if UPCAST:
+    if IS_INTERPRETER:
         k = k.to(tl.float32)
     rk = tl.load(rk_ptr + keys, mask=kmask, other=0.0)
     if IS_FP32:
@@ -124,22 +127,19 @@ def _contrastive_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     IS_FP32: tl.constexpr,  # fp32 operands: dot in tf32x3
-    UPCAST: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, compute in fp32
+    IS_INTERPRETER: tl.constexpr,  # interpreter: bf16 arithmetic is wrong there, compute in fp32
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     pair = tl.program_id(2)
     S = tl.num_programs(1)
     P = tl.num_programs(2)
-    if pair == 0:
-        k_ptr = ka_ptr
-    else:
-        k_ptr = kb_ptr
+    k_ptr = _of_pair(pair, ka_ptr, kb_ptr)
     rk_ptr += pair * M
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
-    q, qf, rq = _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, UPCAST)
-    row_scale = rq * (inv_tau * 1.4426950408889634)  # logits in base 2: exp2 is the fast path
+    q, qf, rq = _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, IS_INTERPRETER)
+    row_scale = rq * (inv_tau * LOG2E)  # logits in base 2: exp2 is the fast path
     labels = rows + offset
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -149,7 +149,7 @@ def _contrastive_fwd_kernel(
     k_end = tl.minimum(k_begin + keys_per_split, M)
     for start in range(k_begin, k_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, UPCAST)
+        s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, IS_INTERPRETER)
         pos += tl.sum(tl.where(keys[None, :] == labels[:, None], s, 0.0), 1)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -190,7 +190,7 @@ def _contrastive_combine_kernel(
             lse = m_tot + tl.log2(l_tot)
             tl.store(lse_ptr + pair * N + rows, lse, mask=rmask)
             acc += tl.where(rmask, lse - pos, 0.0)
-    tl.store(loss_ptr, tl.sum(acc, 0) * (0.6931471805599453 * loss_scale))
+    tl.store(loss_ptr, tl.sum(acc, 0) * (LN2 * loss_scale))
 
 
 @triton.jit
@@ -206,23 +206,20 @@ def _contrastive_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     IS_FP32: tl.constexpr,
-    UPCAST: tl.constexpr,
+    IS_INTERPRETER: tl.constexpr,
     IS_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     pair = tl.program_id(2)
     S = tl.num_programs(1)
-    if pair == 0:
-        k_ptr = ka_ptr
-    else:
-        k_ptr = kb_ptr
+    k_ptr = _of_pair(pair, ka_ptr, kb_ptr)
     rk_ptr += pair * M
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < N
-    q, qf, rq = _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, UPCAST)
-    row_scale = rq * (inv_tau * 1.4426950408889634)
+    q, qf, rq = _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, IS_INTERPRETER)
+    row_scale = rq * (inv_tau * LOG2E)
     labels = rows + offset
     lse = tl.load(lse_ptr + pair * N + rows, mask=rmask, other=0.0)
 
@@ -231,7 +228,7 @@ def _contrastive_bwd_kernel(
     k_end = tl.minimum(k_begin + keys_per_split, M)
     for start in range(k_begin, k_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, UPCAST)
+        s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, IS_INTERPRETER)
         p = tl.exp2(s - lse[:, None])  # softmax; 0 past M
         p = tl.where(keys[None, :] == labels[:, None], p - 1.0, p)
         w = p * rk[None, :]
@@ -301,12 +298,12 @@ def _tuned(kind: str):
 
 def _launch(kind: str, grid_rows: int, S: int, P: int, args: tuple, **flags) -> None:
     """Launch the fwd/bwd kernel on a (row blocks, splits, pairs) grid."""
-    if _INTERPRET:
+    if interpreting():
         kernel = _contrastive_fwd_kernel if kind == "fwd" else _contrastive_bwd_kernel
         kernel[(triton.cdiv(grid_rows, _INTERP_BLOCK_M), S, P)](
-            *args, BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N, UPCAST=True, **flags)
+            *args, BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N, IS_INTERPRETER=True, **flags)
         return
-    _tuned(kind)[lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M"]), S, P)](*args, UPCAST=False, **flags)
+    _tuned(kind)[lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M"]), S, P)](*args, IS_INTERPRETER=False, **flags)
 
 
 @functools.cache
@@ -316,9 +313,7 @@ def _num_sms(device_index: int) -> int:
 
 def num_key_splits(N: int, M: int, P: int, device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
     """(splits, keys per split). Split the keys when the row blocks alone do not
-    fill the GPU; `num_splits` (or FASTMOCO_CONTRASTIVE_SPLITS) forces a count."""
-    if num_splits is None:
-        num_splits = _SPLITS_OVERRIDE
+    fill the GPU; `num_splits` forces a count."""
     if num_splits is None:
         num_splits = 1
         if device.type == "cuda":
