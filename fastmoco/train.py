@@ -34,6 +34,7 @@ from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.moco import MoCo
+from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
 from fastmoco.schedules import build_schedules
 
@@ -269,7 +270,7 @@ class Trainer:
             if stopped and self.saved_step != self.step:
                 log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch, log=False)
                 self.save()
-        except (NonFiniteLossError, CheckpointError) as e:
+        except (NonFiniteLossError, CheckpointError, DatasetError) as e:  # DatasetError: too many bad files
             log.close()
             where = self.last_checkpoint or "none written yet"
             raise SystemExit(f"fastmoco: {e}; stopping. Last good checkpoint: {where}") from None

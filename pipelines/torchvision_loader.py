@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .folder import BadSamples
 
 BLUR_SIGMA = (0.1, 2.0)
 SOLARIZE_THRESHOLD = 128
@@ -101,17 +102,18 @@ class TwoCropDataset(torch.utils.data.Dataset):
     """Item (epoch, index) -> (view1, view2, label); the epoch travels with the index
     so that (persistent) workers need no state."""
 
-    def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True):
+    def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True,
+                 max_bad_fraction: float = 1.0):
         self.samples, self.aug, self.seed, self.train = samples, aug, seed, train
+        self.bad = BadSamples([p for p, _ in samples], max_bad_fraction)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        path, label = self.samples[index]
-        with Image.open(path) as f:
-            img = f.convert("RGB")
+        img, index = self._load(index)
+        label = self.samples[index][1]
         if not self.train:
             v = eval_view(img, self.aug["image_size"])
             return v, v, label
@@ -120,6 +122,17 @@ class TwoCropDataset(torch.utils.data.Dataset):
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, view))
             views.append(augment(img, self.aug, view, g))
         return views[0], views[1], label
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        """(RGB image, index) of sample `index`, or of its stand-in when it cannot be read or
+        decoded (damaged, deleted since the scan); see folder.BadSamples."""
+        while True:
+            index = self.bad.replacement(index)
+            try:
+                with Image.open(self.samples[index][0]) as f:
+                    return f.convert("RGB"), index
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                self.bad.mark(index, f"does not decode ({type(e).__name__}: {e})")
 
 
 class _BatchSampler:
@@ -149,7 +162,7 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
                          seed=cfg.seed, train=train)
         super().__init__(plan, device, dtype)
         workers = cfg.num_threads if num_workers is None else num_workers
-        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train)
+        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
         pin = self.device.type == "cuda"
         # Workers are forked per iteration (cheap next to an epoch): persistent ones
         # were seen to stall interpreter shutdown / garbage collection for 5 s each.

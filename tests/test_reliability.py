@@ -185,7 +185,8 @@ def test_3_torchvision_run_over_a_damaged_jpeg_names_it_and_finishes(tmp_path):
     _damage_middle(data / "a" / "3.jpg")
     p = train(tmp_path / "run", "--data.source", "folder", "--data.path", str(data), "--data.backend",
               "torchvision", "--data.num_threads", "0", "--schedule.max_steps", "4",
-              "--deepspeed.train_micro_batch_size_per_gpu", "4")   # 16 files, 4 steps: every file read
+              "--deepspeed.train_micro_batch_size_per_gpu", "4", "--data.max_bad_fraction", "0.1")
+    # 16 files, 4 steps: every file is read; 1 of 16 bad is within 0.1
     assert f"skipping {data / 'a' / '3.jpg'}: does not decode" in p.stderr
     assert steps_logged(tmp_path / "run") == [1, 2, 3, 4]
 
@@ -472,10 +473,10 @@ def test_11_per_rank_state_is_tensors_and_a_pickled_object_is_refused(run8, tmp_
     out = copy_run(run8, tmp_path / "run")
     ckpt = out / "checkpoints" / "step_00000008"
     state = torch.load(ckpt / "fastmoco_rank00000.pt", weights_only=True)
-    assert set(state) == {"momentum", "rng"} and isinstance(state["rng"]["python"]["state"], torch.Tensor)
+    assert {"momentum", "rng"} <= set(state) and isinstance(state["rng"]["python"]["state"], torch.Tensor)
     flag = tmp_path / "code_ran"
     buf = io.BytesIO()
-    torch.save({"momentum": state["momentum"], "rng": _Payload(str(flag))}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    torch.save({**state, "rng": _Payload(str(flag))}, buf, pickle_protocol=pickle.HIGHEST_PROTOCOL)
     (ckpt / "fastmoco_rank00000.pt").write_bytes(buf.getvalue())
     meta = json.loads((ckpt / "COMPLETE").read_text())
     meta["files"]["fastmoco_rank00000.pt"] = len(buf.getvalue())   # as if the whole checkpoint came so
