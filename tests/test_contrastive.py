@@ -239,3 +239,25 @@ def test_gpu_memory_is_linear(N, M):
     budget = 2 * (2 * N * C * 2) + 2 * (splits * N * C + 8 * (N + M)) * 4 + (1 << 20)  # dq (+ a copy) + partials + rows
     assert extra <= budget, f"{extra / 2**20:.1f} MiB > {budget / 2**20:.1f} MiB"
     assert extra < 2 * N * M * 4  # less than even ONE fp32 logits matrix of a pair
+
+
+def test_kernels_compile_for_hopper():
+    """The forward and backward (split and not) compile for sm_90 with the named constants and the
+    pair pointer helper, at ViT-B/16's head width and a config the autotuner may pick; no spills."""
+    from kernel_checks import assert_fits_hopper, compile_for_hopper
+
+    common = {"qa_ptr": "*bf16", "qb_ptr": "*bf16", "ka_ptr": "*bf16", "kb_ptr": "*bf16", "rk_ptr": "*fp32",
+              "N": "i32", "M": "i32", "C": "i32", "stride_q": "i32", "stride_k": "i32", "offset": "i32",
+              "keys_per_split": "i32", "inv_tau": "fp32", "eps": "fp32"}
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_C": 256, "IS_FP32": False, "IS_INTERPRETER": False}
+    specs = [{"module": "fastmoco.kernels.contrastive", "kernel": "_contrastive_fwd_kernel",
+              "args": {**common, "part_ptr": "*fp32"}, "constexprs": tiles,
+              "divisible_by_16": ["qa_ptr", "qb_ptr", "ka_ptr", "kb_ptr"], "num_warps": 4, "num_stages": 2}]
+    for split in (False, True):
+        specs.append({"module": "fastmoco.kernels.contrastive", "kernel": "_contrastive_bwd_kernel",
+                      "args": {**common, "lse_ptr": "*fp32", "gout_ptr": "*fp32",
+                               "dq_ptr": "*fp32" if split else "*bf16", "grad_scale": "fp32"},
+                      "constexprs": {**tiles, "IS_SPLIT": split},
+                      "divisible_by_16": ["qa_ptr", "qb_ptr", "ka_ptr", "kb_ptr"], "num_warps": 4, "num_stages": 2})
+    for spec, result in zip(specs, compile_for_hopper(specs)):
+        assert_fits_hopper(f"{spec['kernel']} {spec['constexprs']}", result)

@@ -208,3 +208,15 @@ def test_gpu_apex_path_matches():
     for a, b, o in zip(momentum, ref, outs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
         assert torch.equal(o, a.to(torch.bfloat16))
+
+
+def test_kernel_compiles_for_hopper():
+    """The multi-tensor kernel (bf16 online, bf16 copy, aligned: the training case) compiles for sm_90."""
+    from kernel_checks import assert_fits_hopper, compile_for_hopper
+
+    spec = {"module": "fastmoco.kernels.ema", "kernel": "_ema_multi_kernel",
+            "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "m_ptr": "*fp32", "T": "i32", "B": "i32"},
+            "constexprs": {"BLOCK": ema_mod.BLOCK, "IS_ONLINE_BF16": True, "HAS_OUT": True, "IS_ALIGNED": True,
+                           "IS_INTERPRETER": False},
+            "divisible_by_16": [], "num_warps": ema_mod.NUM_WARPS, "num_stages": 1}
+    assert_fits_hopper("ema multi", compile_for_hopper([spec])[0])
