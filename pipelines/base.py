@@ -35,6 +35,10 @@ import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# MoCo v3's augmentation constants (the rest are config values, `augment_params`); both backends read these.
+BLUR_SIGMA = (0.1, 2.0)           # MoCo v3 / SimCLR GaussianBlur range
+SOLARIZE_THRESHOLD = 128
+EVAL_CROP_FRACTION = 0.875        # resize 256 -> crop 224
 
 
 def mix_seed(*parts: int) -> int:

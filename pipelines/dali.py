@@ -71,7 +71,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
+                   ShardPlan, TwoCropLoader, augment_params, mix_seed)
 
 try:
     import nvidia.dali.fn as fn
@@ -83,9 +84,6 @@ except ImportError:  # the torchvision fallback takes over (see build_loader)
     HAS_DALI = False
 
 LUMA = (0.299, 0.587, 0.114)      # ITU-R 601-2, as PIL's convert("L") and torchvision
-BLUR_SIGMA = (0.1, 2.0)           # MoCo v3 / SimCLR GaussianBlur range
-SOLARIZE_THRESHOLD = 128
-EVAL_CROP_FRACTION = 0.875        # resize 256 -> crop 224
 # nvJPEG scratch sizes from NVIDIA's ImageNet examples: allocate once, not per batch.
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512

@@ -22,12 +22,9 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
+from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
+                   ShardPlan, TwoCropLoader, augment_params, mix_seed)
 from .folder import BadSamples
-
-BLUR_SIGMA = (0.1, 2.0)
-SOLARIZE_THRESHOLD = 128
-EVAL_CROP_FRACTION = 0.875
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
