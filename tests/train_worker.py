@@ -1,7 +1,7 @@
 """Run by tests/test_train.py under torchrun or python: train, then dump what the tests inspect.
 
     python tests/train_worker.py MODE OUT CONFIG [--dotted.overrides ...]
-MODE: fit        train; rank 0 saves the momentum encoder (gathered) and ZeRO shard sizes to OUT
+MODE: fit        train; rank 0 saves both encoders (gathered) and ZeRO shard sizes to OUT
       crash-save train; then a save that fails midway; then resume from what is left
       fit-ranks  train; every rank writes OUT.rank<R>.json: rank, LOCAL_RANK, its shard of epoch 0
       wait-at:K  fastmoco.train.main; when K steps are done every rank writes OUT.rank<R> (its pid),
@@ -39,10 +39,12 @@ def main():
             for n, p in module.named_parameters():
                 if hasattr(p, "ds_tensor"):
                     shards[f"{prefix}.{n}"] = [p.ds_tensor.numel(), p.ds_numel]
-        with deepspeed.zero.GatheredParameters([p for _, p in mom]):
+        online = list(t.model.base_encoder.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in mom + online]):
             gathered = {n: p.detach().clone().float() for n, p in mom}
+            gathered_online = {n: p.detach().clone().float() for n, p in online}
         if t.rank == 0:
-            torch.save({"momentum": gathered, "shards": shards}, out)
+            torch.save({"momentum": gathered, "online": gathered_online, "shards": shards}, out)
     elif mode == "fit-ranks":
         plan = t.loader.plan
         rec = {"rank": t.rank, "local_rank": int(os.environ["LOCAL_RANK"]), "world": t.world,

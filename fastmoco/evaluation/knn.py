@@ -6,7 +6,9 @@ For each query feature q (L2-normalised) and the labelled memory bank X (L2-norm
     score(c) = sum_{j in N_k(q), y_j = c} exp(s_j / T),   prediction = argmax_c score(c)
 
 with k = 20 and 200 and T = 0.07 by default; top-1 and top-5 accuracies
-(top-5: the label among the 5 best-scoring classes).
+(top-5: the label among the 5 best-scoring classes). A class that got no
+vote is never counted as predicted (with fewer than 5 voted classes, top-5
+does not count the arbitrary order of the zero scores).
 
 Memory: the (queries x bank) similarity matrix is never built whole. Queries
 go in chunks of `query_chunk` rows and the bank in chunks of `bank_chunk`
@@ -45,7 +47,7 @@ def topk_similarities(queries: torch.Tensor, bank: torch.Tensor, k: int, *,
         v, i = sims.topk(min(k, sims.shape[1]), dim=1)
         i += start
         if best_v is not None:
-            v, pos = torch.cat([best_v, v], 1).topk(k, dim=1)
+            v, pos = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
             i = torch.cat([best_i, i], 1).gather(1, pos)
         best_v, best_i = v, i
     return best_v, best_i
@@ -91,8 +93,9 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
         for j, k in enumerate(ks):
             scores = weighted_votes(sims[:, :k], nn_labels[:, :k], num_classes, temperature)
             pred = scores.topk(top, dim=1).indices                                      # (q, top)
-            correct[j, 0] += (pred[:, :1] == target).sum()
-            correct[j, 1] += (pred == target).any(1).sum()
+            voted = scores.gather(1, target) > 0   # a class without votes is never "predicted"
+            correct[j, 0] += ((pred[:, :1] == target) & voted).sum()
+            correct[j, 1] += ((pred == target).any(1, keepdim=True) & voted).sum()
     if distributed and world > 1:
         dist.all_reduce(correct)
     pct = (correct * 100.0 / queries.shape[0]).tolist()

@@ -51,6 +51,7 @@ class WeightsInfo:
     source: str          # "fastmoco" | "official" | "safetensors"
     path: str
     step: int | None = None
+    epoch: int = 0       # epochs completed (the official checkpoints' "epoch")
     config: dict | None = None
 
 
@@ -99,7 +100,8 @@ def _load_fastmoco(ckpt: Path) -> tuple[dict, WeightsInfo]:
     elif any(v.dtype == torch.bfloat16 for v in sd.values()):
         warnings.warn(f"{ckpt}: bf16 weights without an fp32 copy; exported as the bf16-rounded values",
                       stacklevel=3)
-    return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), cfg)
+    epoch = int(meta.get("data", {}).get("epoch", 0))
+    return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), epoch, cfg)
 
 
 def _momentum_master(ckpt: Path, arch: str, img_size: int, cfg: dict) -> dict | None:
@@ -180,7 +182,8 @@ def load_official(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
         raise WeightsError(f"{path}: arch {arch_key!r} (conv stem) is not supported yet")
     arch, img_size = _arch_from_backbone(sd, ENCODERS["online"], path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    return sd, WeightsInfo(arch, img_size, "official", str(path), ckpt.get("epoch"))
+    epoch = ckpt.get("epoch", 0)
+    return sd, WeightsInfo(arch, img_size, "official", str(path), None, epoch if isinstance(epoch, int) else 0)
 
 
 def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
@@ -254,12 +257,6 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike) -> WeightsInfo:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def official_path_for(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.name[: -len(out.suffix)] + ".moco_v3.pth.tar" if out.suffix else out.name +
@@ -279,17 +276,28 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "o
     from safetensors.torch import save_file
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(backbone, str(tmp), metadata=meta)
-    _replace_atomically(tmp, out)
     off = official_path_for(out) if official is None else (Path(official) if official else None)
-    if off is not None:
-        if info.source == "safetensors":
-            raise WeightsError(f"{path}: a backbone-only file has no MoCo heads for the official layout; "
-                               "pass official='' to skip it")
-        tmp = off.with_name(f".{off.name}.tmp")
-        torch.save({"state_dict": {OFFICIAL_PREFIX + k: v for k, v in sd.items()}, "arch": info.arch,
-                    "epoch": (info.config or {}).get("schedule", {}).get("epochs", 0)}, tmp)
-        _replace_atomically(tmp, off)
+    if off is not None and info.source == "safetensors":
+        raise WeightsError(f"{path}: a backbone-only file has no MoCo heads for the official layout; "
+                           "pass official='' to skip it")
+    staged = []   # (tmp, final): both files complete before either is renamed into place
+    try:
+        for final in (out, off):
+            if final is None:
+                continue
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp")
+            staged.append((tmp, final))
+            if final is out:
+                save_file(backbone, str(tmp), metadata=meta)
+            else:
+                torch.save({"state_dict": {OFFICIAL_PREFIX + k: v for k, v in sd.items()}, "arch": info.arch,
+                            "epoch": info.epoch}, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     return out, off
