@@ -72,7 +72,7 @@ import numpy as np
 import torch
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
-                   ShardPlan, TwoCropLoader, augment_params, mix_seed)
+                   TwoCropLoader, augment_params, mix_seed)
 
 try:
     import nvidia.dali.fn as fn
@@ -245,14 +245,11 @@ class DaliTwoCropLoader(TwoCropLoader):
                  prefetch_queue_depth: int = 2):
         if not HAS_DALI:
             raise ImportError("nvidia-dali is not installed")
-        plan = ShardPlan(len(samples), batch_size, shard_id=shard_id, num_shards=num_shards,
-                         seed=cfg.seed, train=train)
-        super().__init__(plan, device, dtype)
+        super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                         device=device, dtype=dtype, train=train)
         self.files = [s[0] for s in samples]
         self.labels = np.asarray([s[1] for s in samples], dtype=np.int32)
-        self.cfg = cfg
         self.aug = augment_params(cfg)
-        self.train = train
         self.debug = debug
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth

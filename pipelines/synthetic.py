@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import ShardPlan, TwoCropLoader, mix_seed
+from .base import TwoCropLoader, mix_seed
 
 NUM_CLASSES = 10
 PATTERN = 8               # side of the low-resolution patterns
@@ -66,15 +66,11 @@ class SyntheticTwoCropLoader(TwoCropLoader):
 
     def __init__(self, cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, train: bool = True):
-        plan = ShardPlan(cfg.synthetic_size, batch_size, shard_id=shard_id, num_shards=num_shards,
-                         seed=cfg.seed, train=train)
-        super().__init__(plan, device, dtype)
-        self.seed = cfg.seed
-        self.image_size = cfg.image_size
-        self.train = train
+        super().__init__(cfg, cfg.synthetic_size, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                         device=device, dtype=dtype, train=train)
 
     def _batches(self):
         for epoch, _, idx in self.cursor.batches():
-            v1, v2, labels = synthetic_batch(torch.from_numpy(idx).to(self.device), seed=self.seed, epoch=epoch,
-                                             image_size=self.image_size, train=self.train)
+            v1, v2, labels = synthetic_batch(torch.from_numpy(idx).to(self.device), seed=self.cfg.seed, epoch=epoch,
+                                             image_size=self.cfg.image_size, train=self.train)
             yield v1.to(self.dtype), v2.to(self.dtype), labels

@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
-                   ShardPlan, TwoCropLoader, augment_params, mix_seed)
+                   TwoCropLoader, augment_params, mix_seed)
 from .folder import BadSamples
 
 
@@ -155,9 +155,8 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
     def __init__(self, samples: list[tuple[str, int]], cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  train: bool = True, num_workers: int | None = None):
-        plan = ShardPlan(len(samples), batch_size, shard_id=shard_id, num_shards=num_shards,
-                         seed=cfg.seed, train=train)
-        super().__init__(plan, device, dtype)
+        super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                         device=device, dtype=dtype, train=train)
         workers = cfg.num_threads if num_workers is None else num_workers
         self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
         pin = self.device.type == "cuda"
