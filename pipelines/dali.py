@@ -65,6 +65,7 @@ its (seed, epoch, step) but not the uninterrupted run's draws.
 from __future__ import annotations
 
 import base64
+import itertools
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,6 +74,7 @@ import torch
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
                    TwoCropLoader, augment_params, mix_seed)
+from .folder import BadSamples
 
 try:
     import nvidia.dali.fn as fn
@@ -172,8 +174,10 @@ class EncodedFeeder:
     pool: file reads release the GIL.
     """
 
-    def __init__(self, files: list[str], labels: np.ndarray, cursor: DataCursor, num_threads: int = 8):
+    def __init__(self, files: list[str], labels: np.ndarray, cursor: DataCursor, num_threads: int = 8,
+                 bad: BadSamples | None = None):
         self.files, self.labels = files, labels
+        self.bad = bad or BadSamples(files)
         self.batch_size = cursor.plan.batch_size
         self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
@@ -182,9 +186,18 @@ class EncodedFeeder:
         _, _, idx = next(self._batches)
         if len(idx) < self.batch_size:  # evaluation's last batch: pad
             idx = np.resize(idx, self.batch_size)
-        encoded = list(self._pool.map(lambda i: np.fromfile(self.files[i], dtype=np.uint8), idx))
-        labels = [self.labels[i:i + 1] for i in idx]
-        return encoded, labels
+        read = list(self._pool.map(self._read, idx))
+        return [data for _, data in read], [self.labels[i:i + 1] for i, _ in read]
+
+    def _read(self, index: int) -> tuple[int, np.ndarray]:
+        """(index, bytes) of sample `index`, or of its stand-in if it is known bad or unreadable
+        (deleted since the scan)."""
+        while True:
+            index = self.bad.replacement(index)
+            try:
+                return index, np.fromfile(self.files[index], dtype=np.uint8)
+            except OSError as e:
+                self.bad.mark(index, f"unreadable ({e.strerror or e})")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -259,6 +272,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         self._pipe_moves = -1   # the cursor's `moves` when the pipeline was built: another means a jump
         self._pipe_ran = False  # whether the pipeline handed out a batch since it was built
         self._dali_state: str | None = None  # random state to build the next pipeline from (resume)
+        self.bad = BadSamples(self.files, cfg.max_bad_fraction)
 
     def state_dict(self) -> dict:
         """The position and, when training, DALI's random state there (None if unknown: after a jump)."""
@@ -287,7 +301,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
         self._feeder = EncodedFeeder(self.files, self.labels, self.cursor,
-                                     num_threads=min(8, max(1, self.cfg.num_threads)))
+                                     num_threads=min(8, max(1, self.cfg.num_threads)), bad=self.bad)
         restore = {}
         if self._dali_state is not None:
             restore["checkpoint"] = base64.b64decode(self._dali_state)
@@ -324,7 +338,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         if self._pipe is None or self._pipe_moves != self.cursor.moves:
             self._build()
         for _, _, idx in self.cursor.batches():
-            outs = self._pipe.run()
+            outs = self._run()
             self._pipe_ran = True
             n = len(idx)
             # ONE fused cast per view (float32 -> bf16 on the GPU); labels to int64.
@@ -334,6 +348,20 @@ class DaliTwoCropLoader(TwoCropLoader):
             if self.debug:
                 self.last_debug = self._debug_outputs(outs[3:], n)
             yield v1, v2, labels
+
+    def _run(self):
+        """pipe.run(). DALI's decoders fail naming no file: then the files of this batch and of
+        those prefetched after it are decoded on the CPU, the ones that fail are marked bad
+        (named, replaced from now on) and the pipeline is rebuilt at the same position."""
+        while True:
+            try:
+                return self._pipe.run()
+            except RuntimeError:
+                ahead = itertools.islice(self.cursor.batches(across_epochs=True), self.prefetch_queue_depth + 1)
+                if not self.bad.find_undecodable(i for _, _, idx in ahead for i in idx):
+                    raise
+                self._dali_state = None   # the random state here is lost with the pipeline: seed it
+                self._build()
 
     @staticmethod
     def _debug_outputs(outs, n) -> dict:

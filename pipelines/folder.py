@@ -228,6 +228,7 @@ class BadSamples:
         self.bad: set[int] = set()
 
     def mark(self, index: int, reason: str) -> None:
+        index = int(index)
         if index in self.bad:
             return
         self.bad.add(index)

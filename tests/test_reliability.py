@@ -191,6 +191,33 @@ def test_3_torchvision_run_over_a_damaged_jpeg_names_it_and_finishes(tmp_path):
     assert steps_logged(tmp_path / "run") == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
+def test_3_dali_decoder_failure_and_deleted_file_are_named_and_replaced(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from fastmoco.config import DataConfig
+    from fastmoco.pipelines import BadImageWarning, scan_image_folder
+    from fastmoco.pipelines.dali import DaliTwoCropLoader
+    rng = np.random.default_rng(5)
+    (tmp_path / "a").mkdir()
+    for i in range(8):
+        _jpeg(rng, tmp_path / "a" / f"{i}.jpg")
+    _damage_huffman_table(tmp_path / "a" / "3.jpg")
+    samples = scan_image_folder(tmp_path)
+    assert len(samples) == 8          # passes the pre-scan; DALI's decoder fails on it naming no file
+    loader = DaliTwoCropLoader(samples, DataConfig(image_size=16, num_threads=1, max_bad_fraction=0.25),
+                               batch_size=4)
+    (tmp_path / "a" / "5.jpg").unlink()   # deleted while the run goes on
+    loader.set_epoch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = [(v1.shape, labels.shape) for v1, _, labels in loader]
+    assert batches == [((4, 3, 16, 16), (4,))] * 2 and loader.state_dict()["epoch"] == 1
+    text = "\n".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    assert f"skipping {tmp_path / 'a' / '3.jpg'}: does not decode" in text
+    assert f"skipping {tmp_path / 'a' / '5.jpg'}: unreadable" in text
+    assert loader.bad.bad == {3, 5}
+
+
 def test_3_scan_refuses_a_folder_with_too_many_bad_files(tmp_path):
     from fastmoco.pipelines import DatasetError, scan_image_folder
     (tmp_path / "a").mkdir()
