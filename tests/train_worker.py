@@ -62,7 +62,7 @@ def main():
         try:
             t.save()
             crashed = False
-        except OSError:
+        except (OSError, checkpoint.CheckpointError):   # save() reports the OSError as CheckpointError
             crashed = True
         checkpoint.torch.save = real_save
         latest = checkpoint.find_latest(t.ckpt_dir)
