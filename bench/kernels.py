@@ -168,7 +168,7 @@ def _layernorm_tuning(M: int, C: int, has_branch: bool, fb: bool) -> dict:
     """The configs the tuner chose for this shape (fwd, and bwd for forward+backward)."""
     import triton
 
-    from fastmoco.kernels.layernorm import tuned_configs
+    from fastmoco.kernels.layernorm_configs import tuned_configs
 
     out = {}
     for key, (config, ms) in tuned_configs().items():

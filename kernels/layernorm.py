@@ -19,7 +19,8 @@ partial rows. The forward runs either one tile per program or, like the
 backward, a persistent grid. With NUM_STAGES > 1 the loop over tiles is
 software-pipelined: the next tiles' loads are in flight while one is reduced,
 which these latency-bound loops (two row reductions per tile) need. Which
-config runs is tuned per shape on the GPU (`kernels/tuner.py`); under the
+config runs is tuned per shape on the GPU (`kernels/layernorm_configs.py`
+holds the candidates, `kernels/tuner.py` times them); under the
 interpreter and with FASTMOCO_TUNE=0, a fixed default.
 
 All arithmetic is fp32 (loads are upcast at once, which the Triton
@@ -29,15 +30,14 @@ rounded to nearest even (by hand under the interpreter: `IS_INTERPRETER`).
 Reference: `layernorm_ref` / `add_layernorm_ref` below. `kernel_faster` answers
 the ops switch's "auto": kernel or torch at a shape (`kernels/tuner.py`).
 """
-import functools
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .interpreter import cast_rtne, interpreting
+from .layernorm_configs import (TUNER, LayerNormConfig, block_c, candidate_configs, default_config, grid_rows,
+                                tune_key)
 from .tuner import Tuner, fwd_bwd_launch, kernel_or_torch
 
 
@@ -132,91 +132,6 @@ def _layernorm_bwd_kernel(
     tl.store(db_partial_ptr + pid * C + cols, tl.sum(db_acc, 0), mask=mask_c)
 
 
-@dataclass(frozen=True)
-class LayerNormConfig:
-    """How a LayerNorm kernel is launched (block_rows * next_pow2(C) elements per tile)."""
-    block_rows: int
-    num_warps: int
-    num_stages: int = 1  # row tiles in flight per program (1: no software pipelining)
-    programs_per_sm: int = 0  # 0: one tile per program (forward only); else a persistent grid
-
-    def __str__(self) -> str:
-        grid = f"{self.programs_per_sm}/SM" if self.programs_per_sm else "tile/program"
-        return f"rows {self.block_rows}, warps {self.num_warps}, stages {self.num_stages}, {grid}"
-
-
-# (elements per tile, warps) candidates: 4 to 16 elements per thread; a tile holds whole rows.
-_TILE_WARPS = ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
-_DEFAULT_TILE = 2048  # the defaults are the configs measured on an H100 in bench/RESULTS.md
-_DEFAULT_BWD_PROGRAMS_PER_SM = 8
-_PIPELINED_STAGES = 3
-_TUNER = Tuner("layernorm")
-
-
-def _block_c(C: int) -> int:
-    return triton.next_power_of_2(C)
-
-
-def _tile_shapes(C: int) -> list[tuple[int, int]]:
-    """(block_rows, num_warps) options for width C."""
-    block_c = _block_c(C)
-    shapes = sorted({(tile // block_c, warps) for tile, warps in _TILE_WARPS if tile >= block_c})
-    return shapes or [(1, 8 if block_c <= 8192 else 16)]
-
-
-@functools.cache  # this and candidate_configs run on every call: built once per width
-def _default_config(C: int, backward: bool) -> LayerNormConfig:
-    block_c = _block_c(C)
-    block_rows = max(1, _DEFAULT_TILE // block_c)
-    num_warps = 8 if block_c * block_rows >= 4096 or block_c >= 2048 else 4
-    return LayerNormConfig(block_rows, num_warps, 1, _DEFAULT_BWD_PROGRAMS_PER_SM if backward else 0)
-
-
-@functools.cache
-def candidate_configs(C: int, backward: bool) -> tuple[LayerNormConfig, ...]:
-    """What the tuner tries for width C: the default, pipelined persistent grids, and (forward)
-    one tile per program. The program count changes only the grid, not the compiled kernel: the
-    backward tries several, since the registers its accumulators take (two fp32 tiles) decide how
-    many programs an SM holds at once."""
-    configs = [_default_config(C, backward)]
-    for rows, warps in _tile_shapes(C):
-        if backward:
-            configs += [LayerNormConfig(rows, warps, stages, programs)
-                        for stages in (1, _PIPELINED_STAGES) for programs in (2, 4, 8, 16)]
-        else:
-            configs += [LayerNormConfig(rows, warps)]
-            configs += [LayerNormConfig(rows, warps, _PIPELINED_STAGES, programs) for programs in (4, 8)]
-    return tuple(dict.fromkeys(configs))
-
-
-def tuned_configs() -> dict:
-    """What the tuner chose so far: {(direction, C, rows bucket, dtypes, flag): (config, ms)}."""
-    return dict(_TUNER.chosen)
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _grid_rows(M: int, config: LayerNormConfig, device: torch.device) -> tuple[int, int]:
-    """(programs, rows_per_program) for M rows. The interpreter counts as one SM."""
-    if config.programs_per_sm == 0:
-        return triton.cdiv(M, config.block_rows), config.block_rows
-    sms = 1
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    rows_per_program = triton.cdiv(triton.cdiv(max(M, 1), config.programs_per_sm * sms), config.block_rows)
-    rows_per_program *= config.block_rows
-    return triton.cdiv(M, rows_per_program), rows_per_program
-
-
-def _tune_key(direction: str, t: torch.Tensor, flag: bool, *others: torch.Tensor) -> tuple:
-    M, C = t.shape
-    return (direction, t.device.index, C, triton.next_power_of_2(max(M, 1)), t.dtype,
-            *(o.dtype for o in others), flag)
-
-
 def _rows(t: torch.Tensor, C: int) -> torch.Tensor:
     """(..., C) -> (M, C) with unit column stride (a view when it can be)."""
     t = t.reshape(-1, C)
@@ -247,20 +162,20 @@ def layernorm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
         branch2 = h = y  # placeholders: never read or written when HAS_BRANCH is False
 
     def launch(cfg: LayerNormConfig) -> None:
-        programs, rows_per_program = _grid_rows(M, cfg, x.device)
+        programs, rows_per_program = grid_rows(M, cfg, x.device)
         _layernorm_fwd_kernel[(programs,)](
             x2, branch2, h, y, weight, bias, mean, rstd,
             x2.stride(0), branch2.stride(0), h.stride(0), y.stride(0),
             M, C, eps, rows_per_program,
             HAS_BRANCH=branch is not None, IS_INTERPRETER=interpreting(),
-            BLOCK_ROWS=cfg.block_rows, BLOCK_C=_block_c(C), NUM_STAGES=cfg.num_stages,
+            BLOCK_ROWS=cfg.block_rows, BLOCK_C=block_c(C), NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
 
     if M > 0:
         if config is None:
-            key = _tune_key("fwd", x2, branch is not None, branch2, weight, bias, y)
-            config = _TUNER.pick(key, candidate_configs(C, backward=False), _default_config(C, False), launch, x2)
+            key = tune_key("fwd", x2, branch is not None, branch2, weight, bias, y)
+            config = TUNER.pick(key, candidate_configs(C, backward=False), default_config(C, False), launch, x2)
         launch(config)
     h_out = h.view(x.shape) if branch is not None else None
     return h_out, y.view(x.shape), mean, rstd
@@ -281,7 +196,7 @@ def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean:
 
     def launch(cfg: LayerNormConfig) -> tuple[torch.Tensor, torch.Tensor]:
         assert cfg.programs_per_sm > 0, "the backward needs a persistent grid (programs_per_sm > 0)"
-        programs, rows_per_program = _grid_rows(M, cfg, x.device)
+        programs, rows_per_program = grid_rows(M, cfg, x.device)
         dw_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
         db_partial = torch.empty((programs, C), device=x.device, dtype=torch.float32)
         if M > 0:
@@ -290,14 +205,14 @@ def layernorm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean:
                 x2.stride(0), dy2.stride(0), dh2.stride(0), dx.stride(0),
                 M, C, rows_per_program,
                 HAS_DH=dh is not None, IS_INTERPRETER=interpreting(),
-                BLOCK_ROWS=cfg.block_rows, BLOCK_C=_block_c(C), NUM_STAGES=cfg.num_stages,
+                BLOCK_ROWS=cfg.block_rows, BLOCK_C=block_c(C), NUM_STAGES=cfg.num_stages,
                 num_warps=cfg.num_warps,
             )
         return dw_partial.sum(0), db_partial.sum(0)
 
     if config is None:
-        key = _tune_key("bwd", x2, dh is not None, dy2, weight)
-        config = _TUNER.pick(key, candidate_configs(C, backward=True), _default_config(C, True), launch, x2)
+        key = tune_key("bwd", x2, dh is not None, dy2, weight)
+        config = TUNER.pick(key, candidate_configs(C, backward=True), default_config(C, True), launch, x2)
     dweight, dbias = launch(config)
     return dx.view(x.shape), dweight, dbias
 

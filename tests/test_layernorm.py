@@ -13,18 +13,17 @@ import torch
 import triton
 from kernel_checks import assert_fits_hopper, assert_three_way, compile_for_hopper, poisoned_empty
 
-from fastmoco.kernels import layernorm as ln_module
+from fastmoco.kernels import layernorm_configs as ln_configs
 from fastmoco.kernels import tuner as tuner_module
 from fastmoco.kernels.layernorm import (
-    LayerNormConfig,
     add_layernorm,
     add_layernorm_ref,
-    candidate_configs,
     layernorm,
     layernorm_bwd,
     layernorm_fwd,
     layernorm_ref,
 )
+from fastmoco.kernels.layernorm_configs import LayerNormConfig, candidate_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -225,12 +224,12 @@ def test_tuner_uses_the_default_without_a_gpu_or_when_off(monkeypatch):
 def test_tuned_layernorm_matches_reference(monkeypatch):
     """With tuning on (what training runs): the ViT-B bench shape, both variants."""
     monkeypatch.setenv("FASTMOCO_TUNE", "1")
-    ln_module._TUNER.chosen.clear()
+    ln_configs.TUNER.chosen.clear()
     x, branch, weight, bias, dh, dy = inputs((512, 197, 768), torch.bfloat16, torch.float32, seed=5)
     check(add_layernorm, add_layernorm_ref, [x, branch, weight, bias], [dh, dy],
           ["h", "y", "x", "branch", "weight", "bias"], BF16_ATOL)
     check(layernorm, layernorm_ref, [x, weight, bias], [dy], ["y", "x", "weight", "bias"], BF16_ATOL)
-    chosen = ln_module.tuned_configs()
+    chosen = ln_configs.tuned_configs()
     assert {k[0] for k in chosen} == {"fwd", "bwd"} and len(chosen) == 4, chosen
     for key, (config, ms) in chosen.items():
         assert config in candidate_configs(768, backward=key[0] == "bwd") and ms > 0
