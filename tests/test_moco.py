@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench.peer import official_mlp
 from fastmoco import ops
 from fastmoco.models.vit import VIT_SIZES
 from fastmoco.moco import MoCo
@@ -28,19 +29,6 @@ def make_batch(n, seed=1):
     return torch.randn(n, 3, IMG, IMG, generator=g), torch.randn(n, 3, IMG, IMG, generator=g)
 
 
-def plain_mlp(num_layers, d_in, d_hidden, d_out):
-    layers = []
-    for i in range(num_layers):
-        a = d_in if i == 0 else d_hidden
-        b = d_out if i == num_layers - 1 else d_hidden
-        layers.append(nn.Linear(a, b, bias=False))
-        if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(b), nn.ReLU()]
-        else:
-            layers.append(nn.BatchNorm1d(b, affine=False))
-    return nn.Sequential(*layers)
-
-
 class IndependentMoCo(nn.Module):
     """The official code's structure, written from the paper: separate forward per view."""
 
@@ -50,9 +38,9 @@ class IndependentMoCo(nn.Module):
         self.base = timm.create_model(size.timm_name, num_classes=0, img_size=IMG, patch_size=size.patch_size,
                                       embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads)
         self.base.load_state_dict(ours.base_encoder.backbone_state_dict())
-        self.proj = plain_mlp(3, size.embed_dim, MLP, DIM)
+        self.proj = official_mlp(3, size.embed_dim, MLP, DIM)
         self.proj.load_state_dict(ours.base_encoder.head.state_dict())
-        self.pred = plain_mlp(2, DIM, MLP, DIM)
+        self.pred = official_mlp(2, DIM, MLP, DIM)
         self.pred.load_state_dict(ours.predictor.state_dict())
 
     def forward(self, x1, x2, k1, k2):
