@@ -33,6 +33,7 @@ import traceback
 import torch
 
 from bench import flops
+from bench.peer import PeerMoCo
 from bench.timing import measure
 
 BUILDS = ("fused", "reference", "peer", "peer_compile")
