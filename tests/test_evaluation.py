@@ -249,6 +249,24 @@ def test_export_writes_nothing_half_way(tmp_path, monkeypatch):
 
 # -- from training runs: ZeRO stages, the monitor, bad input -------------------------------------------
 @pytest.mark.slow
+def test_bf16_zero0_export_reads_the_fp32_masters(tmp_path):
+    """Under bf16 the module is bf16; the export takes the optimizer's fp32 copy (online) and the fp32
+    EMA state (momentum): each rounds to the module's bf16 weight, and is not that bf16 value itself."""
+    train_1proc(tmp_path, "--schedule.max_steps", "2", "--checkpoint.every_steps", "2",
+                "--deepspeed.bf16.enabled", "true")
+    sd, info = load_weights(tmp_path)
+    module = torch.load(next((tmp_path / "checkpoints" / "step_00000002").glob("*model_states.pt")),
+                        weights_only=True)["module"]
+    finer = 0
+    for k, v in module.items():
+        if k.startswith(("base_encoder.blocks", "momentum_encoder.blocks")) and v.is_floating_point():
+            assert sd[k].dtype == torch.float32 and v.dtype == torch.bfloat16, k
+            assert torch.equal(sd[k].bfloat16(), v), k
+            finer += not torch.equal(sd[k], v.float())
+    assert finer > 10   # fp32 values that bf16 cannot hold: the masters, not the module
+
+
+@pytest.mark.slow
 def test_zero3_on_two_processes_exports_the_same_weights_as_zero0(tmp_path):
     """Each export equals its own run's gathered fp32 weights exactly; the ZeRO-3 run's export equals the
     ZeRO-0 run's up to the two runs' own float differences (the momentum encoder as tight as
@@ -263,10 +281,10 @@ def test_zero3_on_two_processes_exports_the_same_weights_as_zero0(tmp_path):
         for encoder in ("online", "momentum"):
             out, _ = export(run_dir, tmp_path / f"{run_dir.name}_{encoder}.safetensors", encoder=encoder)
             w = {k[len("base_encoder."):]: v for k, v in load_weights(out)[0].items()}
-            params = {k: v for k, v in w.items() if k in dump[encoder]}
-            assert len(params) == len(dump[encoder]) > 20
-            for k, v in params.items():
-                assert torch.equal(v, dump[encoder][k]), (run_dir.name, encoder, k)
+            backbone = {k: v for k, v in dump[encoder].items() if not k.startswith("head.")}  # no projector
+            assert len(backbone) > 20 and set(backbone) <= set(w)
+            for k, v in backbone.items():
+                assert torch.equal(w[k], v), (run_dir.name, encoder, k)
             exported[run_dir.name, encoder] = w
     for encoder, atol in (("momentum", 1e-7), ("online", 2e-5)):
         a, b = exported["z0", encoder], exported["z3", encoder]

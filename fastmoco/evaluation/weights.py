@@ -10,11 +10,12 @@ are timm's, see fastmoco/models/vit.py):
 
 - fastmoco checkpoint directory (`<out_dir>/checkpoints/step_*`): the resolved
   run config is in its COMPLETE file. ZeRO-0: DeepSpeed's module state dict.
+  Under bf16 its trainable weights come from the bf16 optimizer's fp32 copy.
   ZeRO-1/2/3: the trainable weights are rebuilt in fp32 from the optimizer's
   partitions (DeepSpeed's `zero_to_fp32`), frozen ones from DeepSpeed's frozen
   fragments. The momentum encoder comes from fastmoco's own fp32 EMA state,
-  its ZeRO-3 shards concatenated in rank order. A bf16 ZeRO-0 module without
-  an fp32 copy is read as is (bf16-rounded) with a warning.
+  its ZeRO-3 shards concatenated in rank order. Whatever has no fp32 copy
+  (the frozen patch projection under bf16) is read as stored.
 - official MoCo v3 checkpoint (`main_moco.py`'s `checkpoint_%04d.pth.tar`):
   `{"state_dict": {"module.base_encoder....": ...}, "arch": ...}`; read with
   `torch.load(weights_only=True)`, so a downloaded file cannot run code.
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,44 +92,51 @@ def _load_fastmoco(ckpt: Path) -> tuple[dict, WeightsInfo]:
         files = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))
         if not files:
             raise WeightsError(f"{ckpt}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
-        sd = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+        states = torch.load(files[0], map_location="cpu", weights_only=True)
+        sd = dict(states["module"])
+        sd.update(_bf16_masters(states.get("optimizer"), arch, img_size, cfg, files[0]))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     momentum = _momentum_master(ckpt, arch, img_size, cfg)
     if momentum is not None:
         sd.update(momentum)
-    elif any(v.dtype == torch.bfloat16 for v in sd.values()):
-        warnings.warn(f"{ckpt}: bf16 weights without an fp32 copy; exported as the bf16-rounded values",
-                      stacklevel=3)
     epoch = int(meta.get("data", {}).get("epoch", 0))
     return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), epoch, cfg)
 
 
+def _bf16_masters(optimizer_state, arch: str, img_size: int, cfg: dict, path: Path) -> dict:
+    """ZeRO-0 under bf16: DeepSpeed's bf16 optimizer keeps the fp32 weights of the trainable parameters
+    in `fp32_groups`, in the order the optimizer got them (fastmoco passes the module's trainable
+    parameters in module order, one group). {} when there are none (an fp32 run)."""
+    groups = (optimizer_state or {}).get("fp32_groups") if isinstance(optimizer_state, dict) else None
+    if not groups:
+        return {}
+    tensors = [t for group in groups for t in group]
+    with torch.device("meta"):
+        model = _moco_from_config(arch, img_size, cfg)
+    trainable = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    if [tuple(t.shape) for t in tensors] != [shape for _, shape in trainable]:
+        raise WeightsError(f"{path}: the optimizer's fp32 weights ({len(tensors)} tensors) do not line up with "
+                           f"{arch}'s {len(trainable)} trainable parameters")
+    return {name: t for (name, _), t in zip(trainable, tensors)}
+
+
 def _momentum_master(ckpt: Path, arch: str, img_size: int, cfg: dict) -> dict | None:
-    """The momentum encoder's fp32 EMA state from fastmoco's per-rank files, as full tensors by name.
-    The state lists the momentum encoder's parameters in module order; under ZeRO-3 each rank
-    holds a flat, zero-padded slice of each (fastmoco.momentum.shard_of), concatenated here."""
+    """The momentum encoder's fp32 EMA state from fastmoco's per-rank files, as full tensors by name
+    (`fastmoco.momentum.assemble` puts every rank's pieces together; the state says its layout)."""
+    from fastmoco.momentum import assemble
+
     files = sorted(ckpt.glob("fastmoco_rank*.pt"))
     if not files:
         return None
-    states = []
-    for f in files:
-        try:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - older checkpoints pickle their RNG state; ours are local files
-            state = torch.load(f, map_location="cpu", weights_only=False)
-        states.append(state["momentum"]["master"])
+    states = [torch.load(f, map_location="cpu", weights_only=True)["momentum"] for f in files]
+    full = assemble(states)
     names, shapes = _momentum_param_shapes(arch, img_size, cfg)
-    if any(len(s) != len(names) for s in states):
-        raise WeightsError(f"{ckpt}: the momentum state has {len(states[0])} tensors, "
-                           f"{arch} has {len(names)} momentum-encoder parameters")
     out = {}
-    for i, (name, shape) in enumerate(zip(names, shapes)):
-        numel = int(torch.Size(shape).numel())
-        flat = torch.cat([s[i].reshape(-1).float() for s in states])[:numel] if len(states) > 1 \
-            else states[0][i].reshape(-1).float()
-        if flat.numel() != numel:
-            raise WeightsError(f"{ckpt}: momentum state for {name} has {flat.numel()} values, expected {numel}")
-        out[name] = flat.reshape(shape).clone()
+    for i, t in full.items():
+        if i >= len(names) or tuple(t.shape) != shapes[i]:
+            raise WeightsError(f"{ckpt}: the momentum state's tensor {i} of shape {tuple(t.shape)} does not fit "
+                               f"{arch}'s momentum encoder")
+        out[names[i]] = t
     return out
 
 
