@@ -1,12 +1,15 @@
-"""Model step: one MoCo v3 training step on synthetic input already on the device.
+"""Model step: one MoCo v3 training step, measured as training runs it.
 
-Four builds of the same step, measured in the same run:
+Builds of the same step, measured in the same run:
 
-- `fused`: what fastmoco's training does per step on one GPU: `fastmoco.moco.MoCo`
-  with the Triton kernels (ops "auto" = on for CUDA tensors), fp32 parameters under
-  torch.autocast(bfloat16), AdamW(fused=True) on the trainable parameters, the
-  momentum m a 0-dim device tensor, zero_grad(set_to_none=True), no host sync.
-- `reference`: the same under `ops.fused(attention="off", layernorm="off",
+- `trainer`: `fastmoco.train.Trainer.train_step`, the step `train.py` runs, with the
+  Trainer built as `train.py` builds it from the arch's recipe config (configs/vit_*.json:
+  DeepSpeed engine, bf16 module, fp32 EMA master read from the optimizer's fp32 master,
+  AdamW(fused), the config's ZeRO stage and activation checkpointing), one process,
+  fed by batches already on the device (bf16, as the loaders deliver them).
+- `e2e`: the same Trainer fed by its own DALI loader on a folder of real JPEGs at the
+  same micro batch. `e2e / trainer` is then the input pipeline's cost and nothing else.
+- `reference`: the `trainer` build under `ops.fused(attention="off", layernorm="off",
   contrastive="off", ema="off")`: fastmoco's own unfused PyTorch path.
 - `peer`: built as the official MoCo v3 code (facebookresearch/moco-v3,
   moco/builder.py MoCo_ViT + main_moco.py) builds it: a timm ViT with MoCo v3's
@@ -25,18 +28,21 @@ dense bf16 peak (fp16's is the same on these GPUs).
 """
 from __future__ import annotations
 
-import contextlib
 import gc
+import os
+import tempfile
 import time
 import traceback
+from pathlib import Path
+from unittest import mock
 
 import torch
 
 from bench import flops
 from bench.peer import PeerMoCo
-from bench.timing import measure
+from bench.timing import REPO, measure
 
-BUILDS = ("fused", "reference", "peer", "peer_compile")
+BUILDS = ("trainer", "e2e", "reference", "peer", "peer_compile")
 ROTATE = 3            # input batches cycled through, so no cache holds the next step's input
 TAU = 0.2             # MoCo v3's ViT temperature
 LR, WEIGHT_DECAY = 1.5e-4, 0.1
@@ -96,31 +102,73 @@ def _inputs(batch: int, img: int, device: torch.device, dtype: torch.dtype, seed
             for _ in range(ROTATE)]
 
 
-# -- fastmoco builds -------------------------------------------------------------------------------
+# -- fastmoco builds: train.py's Trainer ---------------------------------------------------------
 
-def _fastmoco_step(arch: str, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device,
-                   amp: bool):
-    from fastmoco.moco import MoCo
+# The recipe each arch trains with (ZeRO stage, bf16, activation checkpointing, optimizer).
+ARCH_CONFIGS = {"vit_small": "configs/vit_s.json", "vit_base": "configs/vit_b.json",
+                "vit_large": "configs/vit_l.json", "vit_huge": "configs/vit_h.json"}
+SMOKE_CONFIG = "configs/tiny.json"
 
-    with torch.device(device):  # parameters made on the device: ViT-H builds in seconds, not minutes
-        model = MoCo(arch, img_size=img, dim=dim, mlp_dim=mlp_dim, tau=TAU)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
-    m = torch.tensor(MOMENTUM, device=device)  # 0-dim device tensor: no host sync
-    # The loaders hand the training loop views in the training dtype (bf16 on the GPU).
-    inputs = _inputs(batch, img, device, torch.bfloat16 if amp else torch.float32, seed=0)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
+def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,
+                  data_dir: Path | None = None, threads: int = 0):
+    """`fastmoco.train.Trainer` as `train.py` builds it for one process at micro batch `batch`:
+    the arch's recipe config, data from `data_dir` (DALI, the config's default backend) or, when
+    None, the synthetic source (left unused: the model-step build feeds device batches)."""
+    from fastmoco.config import load_config
+    from fastmoco.train import Trainer, fill_single_process_env
+
+    config = SMOKE_CONFIG if smoke else ARCH_CONFIGS.get(arch)
+    if config is None:
+        raise ValueError(f"no recipe config for arch {arch!r} (known: {', '.join(ARCH_CONFIGS)})")
+    overrides = ["--model.arch", arch, "--model.img_size", str(img), "--data.image_size", str(img),
+                 "--moco.dim", str(dim), "--moco.mlp_dim", str(mlp_dim),
+                 "--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
+                 "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false"]
+    if data_dir is None:
+        # made per batch, never read: its size only sets the schedule's length (steps per epoch)
+        overrides += ["--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000)]
+    else:
+        overrides += ["--data.source", "folder", "--data.path", str(data_dir),
+                      "--data.num_threads", str(threads or min(16, os.cpu_count() or 1))]
+    cfg = load_config(str(REPO / config), overrides)
+    # One process of one; the rendezvous variables stay out of the environment that later
+    # subprocesses (the train.py e2e run) inherit, or they would reuse this process's port.
+    with mock.patch.dict(os.environ):
+        fill_single_process_env()
+        return Trainer(cfg)
+
+
+def _trainer_step(trainer, batches):
+    """step(i): Trainer.train_step on the next (x1, x2) of `batches`, as `fit` calls it."""
     def step(i: int) -> None:
-        x1, x2 = inputs[i % ROTATE]
-        with autocast:
-            loss = model(x1, x2, m)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        x1, x2 = next(batches)
+        trainer.train_step(x1, x2)
+        trainer.step += 1
 
     return step
+
+
+def device_batches(trainer, batch: int, img: int):
+    """Endless (x1, x2) already on the device in the training dtype, cycling ROTATE batches."""
+    dtype = torch.bfloat16 if trainer.bf16 else torch.float32
+    inputs = _inputs(batch, img, trainer.device, dtype, seed=0)
+    i = 0
+    while True:
+        yield inputs[i % ROTATE]
+        i += 1
+
+
+def loader_batches(trainer):
+    """Endless (x1, x2) from the Trainer's own loader, epoch after epoch."""
+    while True:
+        for x1, x2, _ in trainer.loader:
+            yield x1, x2
+
+
+def trainer_notes(trainer) -> str:
+    return (f"Trainer: DeepSpeed {'bf16' if trainer.bf16 else 'fp32'} ZeRO-{trainer.zero_stage}, "
+            f"{type(trainer.optimizer).__name__}, fp32 EMA master")
 
 
 # -- the peer: the official MoCo v3 code's build -----------------------------------------------------
@@ -160,47 +208,65 @@ def _free(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def release_trainer(trainer) -> None:
+    """Drop a Trainer's engine (ZeRO-3 hooks included) so the next build starts from free memory."""
+    destroy = getattr(trainer.engine, "destroy", None)
+    if destroy is not None:
+        destroy()
+    trainer.engine = trainer.optimizer = trainer.model = trainer.loader = None
+
+
 def _measure_build(build: str, arch: str, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device,
-                   amp: bool, smoke: bool, warmup: int, steps: int, repeats: int) -> dict:
-    context = contextlib.nullcontext()
-    notes: list[str] = []
-    if build in ("fused", "reference"):
+                   amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, data_dir: Path | None = None) -> dict:
+    if build in ("trainer", "e2e", "reference"):
         from fastmoco import ops
 
-        if build == "fused":
-            modes, notes = fused_modes(device, smoke)
-        else:
-            modes = {op: "off" for op in ops.OPS}
-        context = ops.fused(**modes)
-        notes.insert(0, "bf16 autocast, fp32 params, AdamW(fused)" if amp else "fp32 (smoke)")
-        step = _fastmoco_step(arch, img, batch, dim, mlp_dim, device, amp)
-    else:
-        notes.append("fp16 autocast + GradScaler, timm ViT" if amp else "fp32 (smoke)")
-        if build == "peer_compile":
-            torch._dynamo.reset()
-            notes.append("torch.compile on both encoders")
-        step = _peer_step(arch, img, batch, dim, mlp_dim, device, amp, compile_encoders=build == "peer_compile")
-    with context:
-        t0 = time.perf_counter()
-        step(0)  # first step alone: compilation and autotuning show up as first_step_s
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first_step_s = time.perf_counter() - t0
-        timing = measure(lambda i: step(i + 1), device, max(0, warmup - 1), steps, repeats)
+        if build == "e2e" and data_dir is None:
+            raise ValueError("the e2e build needs a JPEG folder (--data, or the bench's demo folder)")
+        modes, notes = fused_modes(device, smoke) if build != "reference" else ({op: "off" for op in ops.OPS}, [])
+        with tempfile.TemporaryDirectory(prefix="fastmoco-bench-") as tmp, ops.fused(**modes):
+            trainer = build_trainer(arch, img=img, batch=batch, dim=dim, mlp_dim=mlp_dim, smoke=smoke, out_dir=tmp,
+                                    data_dir=data_dir if build == "e2e" else None)
+            try:
+                notes.insert(0, trainer_notes(trainer))
+                if build == "e2e":
+                    notes.insert(1, f"DALI loader on {data_dir}")
+                batches = loader_batches(trainer) if build == "e2e" else device_batches(trainer, batch, img)
+                res = _time_step(_trainer_step(trainer, batches), device, warmup, steps, repeats)
+            finally:
+                release_trainer(trainer)
+        return {**res, "notes": notes}
+    notes = ["fp16 autocast + GradScaler, timm ViT" if amp else "fp32 (smoke)"]
+    if build == "peer_compile":
+        torch._dynamo.reset()
+        notes.append("torch.compile on both encoders")
+    step = _peer_step(arch, img, batch, dim, mlp_dim, device, amp, compile_encoders=build == "peer_compile")
+    return {**_time_step(step, device, warmup, steps, repeats), "notes": notes}
+
+
+def _time_step(step, device: torch.device, warmup: int, steps: int, repeats: int) -> dict:
+    t0 = time.perf_counter()
+    step(0)  # first step alone: compilation and autotuning show up as first_step_s
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - t0
+    timing = measure(lambda i: step(i + 1), device, max(0, warmup - 1), steps, repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"ms": timing.ms, "ms_runs": timing.ms_runs, "spread": timing.spread, "peak_gib": peak,
-            "first_step_s": first_step_s, "notes": notes}
+            "first_step_s": first_step_s}
 
 
 def bench_build(build: str, arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device,
-                amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, peak_tflops: float | None) -> dict:
+                amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, peak_tflops: float | None,
+                data_dir: Path | None = None) -> dict:
     """One build at `batch` (halved on out-of-memory); returns a result record."""
     rec = {"section": "model", "name": arch, "build": build, "img_size": img}
     res, error, halvings = None, None, 0
     while True:
         _free(device)
         try:
-            res = _measure_build(build, arch, img, batch, dim, mlp_dim, device, amp, smoke, warmup, steps, repeats)
+            res = _measure_build(build, arch, img, batch, dim, mlp_dim, device, amp, smoke, warmup, steps, repeats,
+                                 data_dir)
             break
         except torch.cuda.OutOfMemoryError:
             error = f"out of memory at batch {batch}"
@@ -223,6 +289,75 @@ def bench_build(build: str, arch: str, *, img: int, batch: int, dim: int, mlp_di
     if error:
         res["notes"].append(f"batch halved after: {error}")
     # fastmoco's own builds are held to the reference figures; the peers are context.
-    figures = {"img_per_s": img_per_s} if build in ("fused", "reference") else {}
+    figures = {"img_per_s": img_per_s} if build in ("trainer", "e2e", "reference") else {}
     return {**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": figures,
             "notes": "; ".join(res["notes"])}
+
+
+# -- the largest micro batch -------------------------------------------------------------------------
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def max_batch(arch: str, *, img: int, dim: int, mlp_dim: int, device: torch.device, smoke: bool, start: int,
+              limit: int, seconds: float, peak_tflops: float | None) -> dict:
+    """The largest micro batch per GPU at which the Trainer's step runs, with the arch's recipe
+    (ViT-H: ZeRO-3, bf16, activation checkpointing), and its img/s there.
+
+    Doubles from `start` until a step runs out of memory or `limit` is reached, then bisects the
+    gap while `seconds` allow; each probe is two steps (the second timed). One Trainer serves the
+    probes (its micro batch setting does not bound the input); after an out-of-memory error it is
+    rebuilt, so no half-finished step's state is reused."""
+    rec = {"section": "model", "name": arch, "build": "max_batch", "img_size": img}
+    t_end = time.perf_counter() + seconds
+    probes: list[tuple[int, str]] = []
+    ok = ok_ms = ok_peak = bad = None
+    tmp = tempfile.TemporaryDirectory(prefix="fastmoco-maxbatch-")
+    trainer = None
+    try:
+        b = start
+        while b and time.perf_counter() < t_end:
+            try:
+                if trainer is None:
+                    _free(device)
+                    trainer = build_trainer(arch, img=img, batch=start, dim=dim, mlp_dim=mlp_dim, smoke=smoke,
+                                            out_dir=tmp.name)
+                _free(device)
+                step = _trainer_step(trainer, device_batches(trainer, b, img))
+                step(0)
+                timing = measure(step, device, 0, 1, 1)  # sync inside: the probe's own step time
+                ok, ok_ms = b, timing.ms
+                ok_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                probes.append((b, f"ok {timing.ms:.0f} ms"))
+            except Exception as e:  # noqa: BLE001 - out of memory is the answer; anything else ends the search
+                if not _is_oom(e):
+                    probes.append((b, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+                    traceback.print_exc(limit=4)
+                    break
+                bad = b
+                probes.append((b, "out of memory"))
+                release_trainer(trainer)
+                trainer = None
+            if bad is None:
+                b = min(b * 2, limit) if b < limit else 0
+            elif ok is None:
+                b = b // 2 if b > 1 else 0
+            else:
+                gap = bad - ok
+                b = ok + gap // 2 if gap > max(1, ok // 8) else 0  # resolution: 1/8 of the batch
+    finally:
+        if trainer is not None:
+            release_trainer(trainer)
+        tmp.cleanup()
+        _free(device)
+    if ok is None:
+        return {**rec, "status": "unavailable", "reason": f"no batch ran: {probes}"}
+    img_per_s = ok / (ok_ms / 1e3)
+    tflops = flops.moco_step_flops_per_image(arch, img, mlp_dim, dim) * img_per_s / 1e12
+    why = (f"{bad} ran out of memory" if bad else f"limit {limit} reached" if ok >= limit else "time budget spent")
+    metrics = {"img_per_s": img_per_s, "step_ms": ok_ms, "tflops": tflops,
+               "mfu": tflops / peak_tflops if peak_tflops else None, "peak_gib": ok_peak, "first_oom_batch": bad,
+               "probes": [f"{b}: {what}" for b, what in probes]}
+    return {**rec, "status": "ok", "batch": ok, "metrics": metrics, "figures": {},
+            "notes": f"largest batch that ran ({why}); one timed step; probes " + ", ".join(metrics["probes"])}

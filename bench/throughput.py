@@ -5,14 +5,17 @@
     python bench/throughput.py --quick               # fewer archs, steps and shapes
     python bench/throughput.py --smoke               # tiny shapes (automatic without CUDA): NOT a measurement
     python bench/throughput.py --update              # measure, then store the figures as this device's reference
+    python bench/throughput.py --only model --arch vit_h --builds trainer --max-batch vit_h   # + largest batch
     python bench/throughput.py --from RUN.jsonl [--update] [--markdown]   # check/store/print a saved run
 
 Prints one table per section and writes every result as a JSON line (with the
 device, versions, command, commit and date) to bench/results/ or --out. Then
 compares the run with bench/reference_timings.json for this device name and
 exits 1 naming every figure more than the tolerance below its reference.
-Sections: model (fastmoco fused vs fastmoco reference vs the official MoCo v3
-build, eager and torch.compile; see bench/model_step.py), kernels (each fused
+Sections: model (train.py's Trainer step on device batches and fed by DALI, its
+unfused reference, the official MoCo v3 build eager and torch.compile, the largest
+micro batch with --max-batch; see bench/model_step.py), breakdown (the Trainer's
+step by phase, data stall, top kernels; bench/breakdown.py), kernels (each fused
 op vs its reference; bench/kernels.py), data and e2e (bench/pipeline.py).
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch  # noqa: E402
 from bench import reference  # noqa: E402
 from bench.timing import REPO, run_metadata  # noqa: E402
 
-SECTIONS = ("model", "kernels", "data", "e2e")
+SECTIONS = ("model", "kernels", "data", "e2e", "breakdown")
 ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 FULL_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_huge")
 QUICK_ARCHS = ("vit_small", "vit_base")
@@ -48,7 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"sections, comma-separated: {','.join(SECTIONS)}")
     p.add_argument("--arch", default="", help="model archs, comma-separated (vit_s, vit_b, vit_l, vit_h or full names)")
-    p.add_argument("--builds", default="fused,reference,peer,peer_compile", help="model builds to run")
+    p.add_argument("--builds", default="trainer,e2e,reference,peer,peer_compile", help="model builds to run")
+    p.add_argument("--max-batch", default="", help="archs whose largest micro batch per GPU to search (Trainer "
+                                                  "step, the arch's recipe: vit_h is ZeRO-3 + bf16 + checkpointing)")
+    p.add_argument("--max-batch-start", type=int, default=64, help="first batch the search tries")
+    p.add_argument("--max-batch-limit", type=int, default=4096, help="largest batch the search tries")
+    p.add_argument("--max-batch-seconds", type=float, default=120, help="time for each arch's search")
+    p.add_argument("--breakdown-steps", type=int, default=0, help="measured steps of the breakdown (default 20)")
     p.add_argument("--batch", type=int, default=0, help="model-step batch per GPU (default: per arch, fills 80 GiB)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per repeat (default: per arch)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats; the figure is their median (default 3)")
@@ -189,11 +198,13 @@ def simple_table(recs: list[dict], markdown: bool, first: str) -> str:
 
 
 SECTION_TITLES = {
-    "model": "model step: synthetic input on the device, one GPU (fastmoco: bf16 autocast with fp32 params; "
-             "peer: the official MoCo v3 build, fp16 autocast + GradScaler)",
+    "model": "model step, one GPU (trainer: train.py's Trainer step on device batches, DeepSpeed as the arch's "
+             "config; e2e: the same fed by DALI on JPEGs; peer: the official MoCo v3 build, fp16 autocast + "
+             "GradScaler)",
     "kernels": "kernels: fused op vs its reference (<op>_ref), training dtype, median of repeats",
     "data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
     "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)",
+    "breakdown": "step breakdown: the Trainer's step by phase (bench/breakdown.py), device batches and DALI",
 }
 
 
@@ -213,6 +224,10 @@ def print_report(records: list[dict], meta: dict, markdown: bool) -> None:
         print(f"\n{'#### ' if markdown else '== '}{title}\n")
         if section == "model":
             print(model_table(recs, markdown))
+        elif section == "breakdown":
+            from bench import breakdown
+
+            print(breakdown.table(recs, markdown))
         elif section == "kernels":
             print(kernels_table(recs, markdown))
         else:
@@ -251,7 +266,7 @@ class Sink:
             print(f"{what}: {rec['status']}: {rec.get('reason')}", flush=True)
         else:
             m = rec.get("metrics", {})
-            key = next((k for k in ("img_per_s", "kernel_ms", "fused_over_peer") if k in m), None)
+            key = next((k for k in ("img_per_s", "kernel_ms", "trainer_over_peer") if k in m), None)
             val = f"{key} {m[key]:.4g}" if key and m[key] is not None else ""
             print(f"{what}: {val}" + (f"  ({SMOKE_LABEL})" if self.meta.get("smoke") else ""), flush=True)
 
@@ -275,16 +290,18 @@ class Deadline:
 # -- sections ------------------------------------------------------------------------------------------
 
 class ModelBench:
-    """The model-step section in two phases: the eager builds (fused, reference, peer) first; the
+    """The model-step section in two phases: the eager builds (trainer, e2e, reference, peer) first; the
     torch.compile peer last, after every other section, with what is left of the time (its
     compilation alone takes a minute or more per arch, the headline ViT-B first)."""
 
     COMPILE_MIN_S = 60  # a first compile is not started with less time than this left
 
-    def __init__(self, args, sink: Sink, device, smoke: bool, meta: dict, deadline: Deadline):
+    def __init__(self, args, sink: Sink, device, smoke: bool, meta: dict, deadline: Deadline,
+                 data_dir: Path | None = None):
         from bench import flops, model_step
 
         self.args, self.sink, self.device, self.smoke, self.deadline = args, sink, device, smoke, deadline
+        self.data_dir = data_dir  # the e2e build's JPEG folder
         self.model_step = model_step
         self.builds = [b for b in args.builds.split(",") if b]
         bad = set(self.builds) - set(model_step.BUILDS)
@@ -311,10 +328,23 @@ class ModelBench:
             return late
         a, ms = self.args, self.model_step
         batch = a.batch or (2 if self.smoke else ms.DEFAULT_BATCH.get(arch, 64) * self.mem_scale)
+        trainer = self.results.get((arch, "trainer"), {})
+        if build == "e2e" and trainer.get("status") == "ok":
+            batch = trainer["batch"]  # the same micro batch as the model step it is compared with
         steps = a.steps or (1 if self.smoke else max(2, ms.DEFAULT_STEPS.get(arch, 4) // (2 if a.quick else 1)))
         return ms.bench_build(build, arch, batch=batch, device=self.device, amp=self.device.type == "cuda",
                               smoke=self.smoke, warmup=self.warmup, steps=steps, repeats=self.repeats,
-                              peak_tflops=self.peak, **self.shape)
+                              peak_tflops=self.peak, data_dir=self.data_dir, **self.shape)
+
+    def max_batches(self) -> None:
+        for arch in [ARCH_ALIASES.get(x, x) for x in self.args.max_batch.split(",") if x]:
+            arch = "vit_test" if self.smoke else arch
+            rec = self.deadline.skipped({"section": "model", "name": arch, "build": "max_batch"})
+            a = self.args
+            seconds = min(a.max_batch_seconds, self.deadline.left())
+            self.sink.emit(rec or self.model_step.max_batch(
+                arch, device=self.device, smoke=self.smoke, start=2 if self.smoke else a.max_batch_start,
+                limit=8 if self.smoke else a.max_batch_limit, seconds=seconds, peak_tflops=self.peak, **self.shape))
 
     def _emit(self, arch: str, build: str, rec: dict) -> None:
         self.results[arch, build] = rec
@@ -355,14 +385,17 @@ class ModelBench:
 
     def ratios(self) -> None:
         for arch in self.archs:
-            fused = self.results.get((arch, "fused"), {})
-            if fused.get("status") != "ok":
+            trainer = self.results.get((arch, "trainer"), {})
+            if trainer.get("status") != "ok":
                 continue
             ratios = {}
             for other in ("peer", "peer_compile", "reference"):
                 r = self.results.get((arch, other), {})
                 if r.get("status") == "ok":
-                    ratios[f"fused_over_{other}"] = fused["metrics"]["img_per_s"] / r["metrics"]["img_per_s"]
+                    ratios[f"trainer_over_{other}"] = trainer["metrics"]["img_per_s"] / r["metrics"]["img_per_s"]
+            e2e = self.results.get((arch, "e2e"), {})
+            if e2e.get("status") == "ok":  # the input pipeline's cost: goal >= 0.95
+                ratios["e2e_over_trainer"] = e2e["metrics"]["img_per_s"] / trainer["metrics"]["img_per_s"]
             if ratios:
                 self.sink.emit({"section": "model", "name": arch, "build": "ratio", "status": "ok",
                                 "metrics": ratios})
@@ -429,6 +462,19 @@ def run_e2e(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: s
     sink.emit(pipeline.bench_e2e(args.e2e_config, data_dir, extra=extra, **kw))
 
 
+def run_breakdown(args, sink: Sink, device, smoke: bool, data_dir: Path | None) -> None:
+    from bench import breakdown, model_step
+
+    archs = [ARCH_ALIASES.get(a, a) for a in args.arch.split(",") if a]
+    arch = "vit_test" if smoke else (archs[0] if len(archs) == 1 else "vit_base")  # one arch: the headline
+    shape = dict(img=32, dim=32, mlp_dim=64) if smoke else dict(img=224, dim=256, mlp_dim=4096)
+    batch = args.batch or (4 if smoke else model_step.DEFAULT_BATCH.get(arch, 64))
+    for rec in breakdown.bench_breakdown(arch, batch=batch, device=device, smoke=smoke,
+                                         steps=args.breakdown_steps or (2 if smoke else 20), warmup=1 if smoke else 3,
+                                         data_dir=data_dir, profile_steps=1 if smoke else 3, **shape):
+        sink.emit(rec)
+
+
 # -- main --------------------------------------------------------------------------------------------
 
 def load_run(path: Path) -> tuple[list[dict], dict]:
@@ -486,7 +532,7 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_budget)
     data_dir, why = (None, None)
     model = None
-    if "data" in args.only or "e2e" in args.only:
+    if {"data", "e2e", "breakdown"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
         data_dir, why = _data_dir(args, smoke)
     for section in args.only:
         ts = time.perf_counter()
@@ -495,14 +541,17 @@ def main(argv=None) -> int:
             sink.emit(late)
             continue
         if section == "model":
-            model = ModelBench(args, sink, device, smoke, meta, deadline)
+            model = ModelBench(args, sink, device, smoke, meta, deadline, data_dir)
             model.eager()
+            model.max_batches()
         elif section == "kernels":
             run_kernels(args, sink, device, smoke)
         elif section == "data":
             run_data(args, sink, device, smoke, data_dir, why)
         elif section == "e2e":
             run_e2e(args, sink, device, smoke, data_dir, why, deadline)
+        elif section == "breakdown":
+            run_breakdown(args, sink, device, smoke, data_dir)
         print(f"[{section}] done in {time.perf_counter() - ts:.0f} s", flush=True)
     if model is not None:  # the torch.compile peer last, with the time that is left
         ts = time.perf_counter()

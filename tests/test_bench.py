@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import flops, reference  # noqa: E402
 
-SECTIONS = ("model", "kernels", "data", "e2e")
+SECTIONS = ("model", "kernels", "data", "e2e", "breakdown")
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def test_smoke_run_has_every_section(tmp_path):
     out = p.stdout
     assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
     assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
-    for title in ("== model step", "== kernels", "== data pipeline", "== end to end"):
+    for title in ("== model step", "== kernels", "== data pipeline", "== end to end", "== step breakdown"):
         line = next((ln for ln in out.splitlines() if ln.startswith(title)), None)
         assert line is not None and "SMOKE (CPU): not a measurement" in line, title
     assert "nothing compared" in out
@@ -164,13 +164,19 @@ def test_smoke_run_has_every_section(tmp_path):
     assert {r["section"] for r in records} == set(SECTIONS)
     assert all(r["meta"]["smoke"] and r["meta"]["command"] and r["meta"]["device"]["name"] for r in records)
     model = {r["build"]: r for r in records if r["section"] == "model"}
-    assert set(model) >= {"fused", "reference", "peer", "peer_compile"}
-    for build in ("reference", "peer"):  # pure PyTorch: these must run everywhere
+    assert set(model) >= {"trainer", "e2e", "reference", "peer", "peer_compile", "ratio"}
+    assert "DeepSpeed fp32 ZeRO-0" in model["trainer"]["notes"]  # the Trainer's own step, as train.py builds it
+    assert model["e2e"]["batch"] == model["trainer"]["batch"]  # fed by DALI at the same micro batch
+    assert set(model["ratio"]["metrics"]) >= {"e2e_over_trainer", "trainer_over_peer", "trainer_over_reference"}
+    for build in ("trainer", "e2e", "reference", "peer"):  # these must run everywhere
         assert model[build]["status"] == "ok", model[build]
         assert model[build]["metrics"]["img_per_s"] > 0
     assert {r["name"] for r in records if r["section"] == "kernels"} >= {"attention", "layernorm", "contrastive",
                                                                          "ema"}
     assert {r["name"] for r in records if r["section"] == "data"} == {"dali", "torchvision"}
+    phases = {r["build"]: r for r in records if r["section"] == "breakdown"}
+    assert set(phases) == {"device", "dali"} and all(r["status"] == "ok" for r in phases.values()), phases
+    assert "data stall of the end-to-end step" in out and "top kernels" in out
 
 
 def test_kernels_table_shows_tuning_choices():
@@ -192,3 +198,79 @@ def test_kernels_table_shows_tuning_choices():
     table = kernels_table([att, ln], markdown=True)
     assert "best padded 0.300 ms, best split 0.250 ms" in table
     assert "default config 0.150 ms (tuned 1.50x; fwd rows 1, warps 4, stages 3, 8/SM)" in table
+
+
+# -- step breakdown and largest-batch search (a Trainer per run: each in its own process) --------------
+
+def _in_process(code: str, timeout: int = 300) -> dict:
+    """Run `code` (which ends by printing one JSON line) in a fresh interpreter: a Trainer initialises
+    torch.distributed for its process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+BREAKDOWN_CHECK = """
+import json, time, torch
+from fastmoco import ops
+from bench import breakdown, model_step
+with ops.fused(**{op: "off" for op in ops.OPS}):
+    t = model_step.build_trainer("vit_test", img=32, batch=4, dim=32, mlp_dim=64, smoke=True, out_dir="%s")
+    originals = (t.model.update_momentum_encoder, t.engine.backward, t.engine.step, ops.symmetric_contrastive_loss)
+    state_update = t.model.momentum_state.update
+    def slow_ema(m):  # a known delay inside the EMA phase
+        time.sleep(0.05)
+        state_update(m)
+    t.model.momentum_state.update = slow_ema
+    def slow_data(batches):  # and a known stall before each batch
+        for b in batches:
+            time.sleep(0.08)
+            yield b
+    batches = slow_data(model_step.device_batches(t, 4, 32))
+    t0 = time.perf_counter()
+    res = breakdown.run_phases(t, batches, steps=3, warmup=1)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / 4
+    restored = (t.model.update_momentum_encoder, t.engine.backward, t.engine.step, ops.symmetric_contrastive_loss)
+    print(json.dumps({**res, "wall_ms": wall_ms, "step": t.step,
+                      "restored": [a == b for a, b in zip(originals, restored)]
+                                  + ["update_momentum_encoder" not in vars(t.model)]}))
+"""
+
+
+def test_breakdown_puts_known_delays_in_their_phases(tmp_path):
+    r = _in_process(BREAKDOWN_CHECK % tmp_path)
+    ms = r["phase_ms"]
+    assert list(ms) == ["data", "online", "ema", "momentum", "loss", "backward", "optimizer", "logging"]
+    assert 80 <= ms["data"] < 80 + 40, ms  # the planted stall, and only it, is in the data phase
+    assert 50 <= ms["ema"] < 50 + 40, ms
+    assert all(v >= 0 for v in ms.values()) and ms["online"] > 0 and ms["backward"] > 0
+    assert r["step_ms"] == pytest.approx(sum(ms.values()))
+    assert r["step_ms"] <= r["wall_ms"]  # the phases tile the step: nothing counted twice
+    assert r["data_stall"] == pytest.approx(ms["data"] / r["step_ms"])
+    assert r["step"] == 4  # warm-up + measured steps, each one Trainer step
+    assert all(r["restored"])  # the markers leave the training step as it was
+
+
+MAX_BATCH_CHECK = """
+import json, torch
+from bench import model_step
+real = model_step.device_batches
+def device_batches(trainer, batch, img):  # memory for 5 images and no more
+    if batch > 5:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    return real(trainer, batch, img)
+model_step.device_batches = device_batches
+rec = model_step.max_batch("vit_test", img=32, dim=32, mlp_dim=64, device=torch.device("cpu"), smoke=True,
+                           start=2, limit=64, seconds=300, peak_tflops=None)
+print(json.dumps(rec))
+"""
+
+
+def test_max_batch_search_finds_the_largest_batch_that_fits():
+    r = _in_process(MAX_BATCH_CHECK)
+    assert r["status"] == "ok" and r["batch"] == 5, r
+    assert r["metrics"]["first_oom_batch"] == 6
+    assert [p.split(":")[0] for p in r["metrics"]["probes"]] == ["2", "4", "8", "6", "5"]
+    assert r["metrics"]["img_per_s"] > 0 and "6 ran out of memory" in r["notes"]
