@@ -24,7 +24,7 @@ from .synthetic import SyntheticTwoCropLoader
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
-    "TwoCropLoader", "augment_params", "benchmark_pipeline", "build_loader", "check_image_file", "mix_seed",
+    "TwoCropLoader", "augment_params", "build_loader", "check_image_file", "mix_seed",
     "scan_image_folder",
 ]
 
@@ -53,10 +53,3 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
     from .torchvision_loader import TorchvisionTwoCropLoader
 
     return TorchvisionTwoCropLoader(samples, cfg, **kwargs)
-
-
-def benchmark_pipeline(*args, **kwargs) -> dict:
-    """Images/s of a backend on a JPEG folder; see `fastmoco.pipelines.benchmark`."""
-    from .benchmark import benchmark_pipeline as run
-
-    return run(*args, **kwargs)

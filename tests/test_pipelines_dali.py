@@ -319,7 +319,7 @@ def test_gpu_matches_cpu_twin_in_eval_and_decodes_awkward_inputs(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_benchmark_runs(tmp_path):
-    from fastmoco.pipelines import benchmark_pipeline
+    from bench.pipeline import benchmark_pipeline
 
     root = make_demo_data(tmp_path / "bench", 256)
     res = benchmark_pipeline(str(root), "dali", batch_size=64, num_threads=8, num_batches=8, warmup=2)
