@@ -42,9 +42,12 @@ How each maps to DALI, and where it differs from torchvision/PIL:
   as in the PIL pipeline.
 - Flip + Normalize + HWC->CHW + float: one `crop_mirror_normalize`. The flip
   is moved after blur/solarize, which is exact: both commute with a mirror.
-- Probabilities are applied by per-sample coins that mix the op's result with
-  its input (no batch splitting); an op whose probability is 0 is left out of
-  the graph, one with probability 1 gets no coin.
+- Probabilities are per-sample coins. Colour jitter (p = 0.8) mixes its
+  result with its input by the coin; grayscale, blur and solarize (rare: 0.2,
+  0.1 in view 2, 0.2) are DALI conditionals, computed only for the samples
+  whose coin is set. Every random value is drawn for all samples, before any
+  split. An op whose probability is 0 is left out of the graph, one with
+  probability 1 gets no coin.
 
 Evaluation (`train=False`): resize shorter side to S/0.875, centre crop S,
 normalise; both views are that same image.
@@ -91,7 +94,7 @@ DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
 
 DEBUG_KEYS = ("image_shape", "crop_anchor", "crop_shape", "jitter", "gray", "blur", "sigma",
-              "solarize", "flip", "pre_flip")
+              "solarize", "flip", "pre_flip", "pre_blur")
 
 
 def _coin(p: float, dtype=None):
@@ -128,31 +131,36 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
         luma_mean = fn.reductions.sum(channel_mean * to_dev(fn.constant(fdata=list(LUMA))))  # ()
         x = fn.hsv(x, hue=hue_deg, saturation=s, dtype=types.FLOAT)
         x = dmath.clamp(to_dev(b * c) * x + to_dev(b * (1.0 - c)) * luma_mean, 0.0, 255.0)
+    # The rare ops below run only for the samples whose coin is set: `if coin:` on a per-sample
+    # DataNode is a DALI conditional (the pipeline is built with enable_conditionals=True) that
+    # splits the batch, runs the branch on its part and merges in sample order. Every random
+    # value is drawn for all samples before the split, so the graph stays the same function
+    # of its draws (what the CPU twin's statistics check).
     if p["grayscale_prob"] > 0:
-        gray = _coin(p["grayscale_prob"])
-        g = to_dev(gray)
-        luma = fn.reductions.sum(x * to_dev(fn.constant(fdata=list(LUMA))), axes=[2], keep_dims=True)  # (S, S, 1)
-        x = x * (1.0 - g) + luma * g        # g in {0, 1}: either term is exactly zero
+        gray = _coin(p["grayscale_prob"], types.UINT8)
+        if gray:
+            luma = fn.reductions.sum(x * to_dev(fn.constant(fdata=list(LUMA))), axes=[2], keep_dims=True)  # (S, S, 1)
+            x = fn.cat(luma, luma, luma, axis=2)   # R == G == B exactly
     if color:
         x = fn.cast(x, dtype=types.UINT8)
 
+    pre_blur = x
     p_blur = p["blur_prob"][view]
     if p_blur > 0:
         sigma = fn.random.uniform(range=list(BLUR_SIGMA))
-        blurred = fn.gaussian_blur(x, sigma=sigma)
         if p_blur < 1:
             blur = _coin(p_blur, types.UINT8)
-            k = to_dev(blur)
-            x = fn.cast(blurred * k + x * (1 - k), dtype=types.UINT8)
+            if blur:  # MoCo v3's view 2: one sample in ten pays for a blur
+                x = fn.gaussian_blur(x, sigma=sigma)
         else:
             blur = fn.constant(fdata=1.0)
-            x = blurred
+            x = fn.gaussian_blur(x, sigma=sigma)
     p_sol = p["solarize_prob"][view]
     if p_sol > 0:
         solarize = _coin(p_sol, types.UINT8)
-        xs = fn.cast(x, dtype=types.INT16)
-        flip_mask = (xs >= SOLARIZE_THRESHOLD) * to_dev(solarize)
-        x = fn.cast(xs + flip_mask * (255 - 2 * xs), dtype=types.UINT8)
+        if solarize:
+            xs = fn.cast(x, dtype=types.INT16)
+            x = fn.cast(xs + (xs >= SOLARIZE_THRESHOLD) * (255 - 2 * xs), dtype=types.UINT8)
 
     flip = _coin(p["flip_prob"], types.INT32) if p["flip_prob"] > 0 else fn.constant(idata=0)
     out = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mirror=flip,
@@ -160,7 +168,7 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
                                    std=[255.0 * s for s in IMAGENET_STD])
     dbg = []
     if debug:
-        dbg = [image_shape, anchor, crop, jitter, gray, blur, sigma, solarize, flip, x]
+        dbg = [image_shape, anchor, crop, jitter, gray, blur, sigma, solarize, flip, x, pre_blur]
     return out, dbg
 
 
@@ -204,7 +212,7 @@ class EncodedFeeder:
 
 
 if HAS_DALI:
-    @pipeline_def(enable_conditionals=False)
+    @pipeline_def(enable_conditionals=True)
     def two_crop_pipeline(source, *, device: str, aug: dict, train: bool = True,
                           hw_decoder_load: float = 0.65, debug: bool = False):
         """The two-crop graph. `source`: a callable giving (encoded bytes, labels) batches
@@ -212,7 +220,7 @@ if HAS_DALI:
 
         Outputs: view1, view2 (B, 3, S, S) float32 normalised; labels (B, 1)
         int32; with `debug`, per view the `DEBUG_KEYS` values (view 1's then
-        view 2's; `pre_flip` is the uint8 HWC image before flip/normalise).
+        view 2's; `pre_flip` is the uint8 HWC image before flip/normalise, `pre_blur` before blur).
         """
         encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
                                             dtype=[types.UINT8, types.INT32], ndim=[1, 1])
@@ -370,7 +378,7 @@ class DaliTwoCropLoader(TwoCropLoader):
             part = outs[(view - 1) * len(DEBUG_KEYS):view * len(DEBUG_KEYS)]
             for key, out in zip(DEBUG_KEYS, part):
                 cpu = out.as_cpu() if hasattr(out, "as_cpu") else out
-                if key == "pre_flip":
+                if key in ("pre_flip", "pre_blur"):
                     arr = np.stack([np.asarray(cpu[i]) for i in range(n)])
                 else:
                     arr = np.stack([np.asarray(cpu[i]).reshape(-1) for i in range(n)])

@@ -152,6 +152,32 @@ def test_blur_makes_view1_measurably_smoother(photos):
     assert not d["blur2"].any()
 
 
+def test_rare_ops_change_exactly_the_samples_whose_coin_is_set(photos):
+    """Blur and solarize run as DALI conditionals (only for their samples): per sample, the image
+    after them equals the one before where both coins are 0, is its solarisation (numpy reference)
+    where only solarize is set, and is smoother where blur is set with a sigma that can show."""
+    cfg = _cfg(jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=[0.0, 0.5], blur_prob=[0.0, 0.5], flip_prob=0.0)
+    _, d = _run_epochs(photos, cfg, epochs=1)
+    pre, out = d["pre_blur2"].astype(np.int16), d["pre_flip2"].astype(np.int16)
+    blur, sol, sigma = d["blur2"].astype(bool), d["solarize2"].astype(bool), d["sigma2"]
+    for coins, frac in ((blur, 0.5), (sol, 0.5)):
+        ok, got = _binomial_ok(coins, frac)
+        assert ok, got
+    neither, only_sol = ~blur & ~sol, ~blur & sol
+    assert neither.sum() > 5 and only_sol.sum() > 5 and (blur & ~sol).sum() > 5
+    assert (out[neither] == pre[neither]).all()
+    solarized = np.where(pre >= 128, 255 - pre, pre)
+    assert (out[only_sol] == solarized[only_sol]).all()
+
+    def roughness(x):  # (N, S, S, 3) -> per sample mean absolute neighbour difference
+        x = x.astype(np.float64)
+        return np.abs(np.diff(x, axis=1)).mean((1, 2, 3)) + np.abs(np.diff(x, axis=2)).mean((1, 2, 3))
+
+    shown = blur & ~sol & (sigma > 0.5)  # sigma near 0.1 leaves a uint8 image as it was
+    assert shown.sum() > 3 and (roughness(out[shown]) < roughness(pre[shown])).all()
+    assert (d["pre_blur1"] == d["pre_flip1"]).all()  # view 1: neither op configured
+
+
 def test_shards_cover_each_file_once_and_follow_the_plan(mixed):
     cfg = _cfg(image_size=32)
     for epoch in (0, 1):
