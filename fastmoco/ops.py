@@ -16,7 +16,7 @@ wherever the kernels' own modules can be imported.
 
 Environment overrides, read once at import: FASTMOCO_FUSED=0 turns every op
 off; FASTMOCO_FUSED_<OP>=0|1|auto sets one (OP: ATTENTION, LAYERNORM,
-CONTRASTIVE, EMA). In code: `set_fused(attention="off")` or the context
+CONTRASTIVE, EMA, DINO_LOSS). In code: `set_fused(attention="off")` or the context
 manager `fused(attention="on", layernorm="on")`.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 
 import torch
 
-OPS = ("attention", "layernorm", "contrastive", "ema")
+OPS = ("attention", "layernorm", "contrastive", "ema", "dino_loss")
 _MODES = ("auto", "on", "off")
 _ENV_VALUES = {"0": "off", "1": "on", "auto": "auto", "off": "off", "on": "on"}
 
@@ -111,6 +111,16 @@ def symmetric_contrastive_loss(q1, q2, k1, k2, tau: float, offset: int) -> torch
     use = use_fused("contrastive", q1)
     fn = module.symmetric_contrastive_loss if use else module.symmetric_contrastive_loss_ref
     return fn(q1, q2, k1, k2, tau, offset)
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, tau_s: float,
+              tau_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO's cross-entropy over every (teacher crop i, student crop j != i) pair, and the sum of the
+    teacher logits over crops and rows (K,) for the center. student (V_s, B, K), teacher (V_t, B, K)."""
+    from fastmoco.kernels import dino_loss as module
+
+    fn = module.dino_loss if use_fused("dino_loss", student) else module.dino_loss_ref
+    return fn(student, teacher, center, tau_s, tau_t)
 
 
 def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor,

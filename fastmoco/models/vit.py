@@ -1,8 +1,20 @@
-"""Vision Transformer as MoCo v3 builds it (fixed 2-D sin-cos positions, MoCo init).
+"""Vision Transformer as MoCo v3 builds it (fixed 2-D sin-cos positions, MoCo init), or as DINO does.
 
 Parameter names follow timm's `VisionTransformer`, so a backbone state dict
 loads into `timm.create_model("vit_base_patch16_224", num_classes=0)` as is
 (ViT-S: pass `num_heads=12`, MoCo v3's choice; timm's ViT-S has 6).
+
+Two recipes (`recipe=`):
+- "moco": MoCo v3's vits.py: fixed sin-cos position embedding (a buffer),
+  xavier-uniform weights (q, k, v as three matrices), frozen random patch
+  projection where asked.
+- "dino": DINO's vision_transformer.py: learned position embedding and class
+  token (truncated normal, std 0.02), truncated-normal Linear weights, drop
+  path (stochastic depth, linearly increasing over the blocks up to
+  `drop_path`), any head count / patch size (`num_heads`, `patch_size`).
+Both run at any resolution that the patch size divides: the sin-cos table is
+recomputed for the grid, a learned one resampled bicubically (DINO's multi-crop:
+96-px local crops through a model built for 224).
 
 Every block calls attention and LayerNorm through `fastmoco.ops`, which
 picks the Triton kernels or the PyTorch reference. The residual stream is
@@ -22,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from fastmoco import ops
 
 LN_EPS = 1e-6
+RECIPES = ("moco", "dino")
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,7 @@ class ViTSize:
     timm_name: str  # the timm model whose state dict layout matches
 
 
-# MoCo v3 (vits.py of the official code): ViT-S uses 12 heads, not timm's 6.
+# MoCo v3 (vits.py of the official code): ViT-S uses 12 heads, not timm's 6 (DINO's ViT-S: num_heads=6).
 VIT_SIZES = {
     "vit_test": ViTSize(8, 72, 2, 3, "vit_tiny_patch16_224"),  # CPU tests: head dim 24, width 72
     "vit_tiny": ViTSize(16, 192, 12, 3, "vit_tiny_patch16_224"),
@@ -91,24 +104,33 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: each sample's residual branch dropped with probability p, kept ones / (1 - p)."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. Takes and returns the residual stream as
     (x, branch): the stream is x + branch, with branch None for a plain x."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
 
     def forward(self, x, branch=None):
         if branch is None:
             h = self.norm1(x)
         else:
             x, h = self.norm1(x, branch)
-        x, h = self.norm2(x, self.attn(h))
-        return x, self.mlp(h)
+        x, h = self.norm2(x, drop_path(self.attn(h), self.drop_path, self.training))
+        return x, drop_path(self.mlp(h), self.drop_path, self.training)
 
 
 def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -136,28 +158,50 @@ class VisionTransformer(nn.Module):
     """
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, frozen_patch_embed: bool = True,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, *, recipe: str = "moco", num_heads: int = 0,
+                 patch_size: int = 0, drop_path: float = 0.0):
         super().__init__()
         if arch not in VIT_SIZES:
             raise ValueError(f"model.arch {arch!r} unknown (known: {', '.join(VIT_SIZES)})")
+        if recipe not in RECIPES:
+            raise ValueError(f"ViT recipe {recipe!r} unknown (known: {', '.join(RECIPES)})")
         size = VIT_SIZES[arch]
-        self.arch, self.size = arch, size
+        size = ViTSize(patch_size or size.patch_size, size.embed_dim, size.depth, num_heads or size.num_heads,
+                       size.timm_name)
+        if size.embed_dim % size.num_heads:
+            raise ValueError(f"num_heads {size.num_heads} does not divide embed_dim {size.embed_dim} of {arch}")
+        self.arch, self.size, self.recipe = arch, size, recipe
         self.embed_dim = size.embed_dim
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(img_size, size.patch_size, size.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, size.embed_dim))
-        # Fixed, never trained: a buffer (still named pos_embed in the state dict, as timm's).
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(*self.patch_embed.grid_size, size.embed_dim))
-        self.blocks = nn.ModuleList(Block(size.embed_dim, size.num_heads) for _ in range(size.depth))
+        table = sincos_pos_embed_2d(*self.patch_embed.grid_size, size.embed_dim)
+        if recipe == "moco":  # fixed, never trained: a buffer (still named pos_embed, as timm's)
+            self.register_buffer("pos_embed", table)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros_like(table))
+        rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]  # DINO: linspace(0, p)
+        self.blocks = nn.ModuleList(Block(size.embed_dim, size.num_heads, drop_path=r) for r in rates)
         self.norm = LayerNorm(size.embed_dim, eps=LN_EPS)
         self.head = nn.Identity()
-        self._init_weights()
+        self._init_moco() if recipe == "moco" else self._init_dino()
         if frozen_patch_embed:
             self.patch_embed.proj.weight.requires_grad_(False)
             self.patch_embed.proj.bias.requires_grad_(False)
 
     @torch.no_grad()
-    def _init_weights(self):
+    def _init_dino(self):
+        """DINO's init: truncated normal (std 0.02) for Linear weights, the position embedding and the
+        class token; zero biases; LayerNorm 1/0; the patch projection keeps PyTorch's default."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @torch.no_grad()
+    def _init_moco(self):
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 if name.endswith("qkv"):
@@ -174,9 +218,26 @@ class VisionTransformer(nn.Module):
         nn.init.uniform_(proj.weight, -bound, bound)
         nn.init.zeros_(proj.bias)
 
+    def pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, 1 + grid_h * grid_w, C) position embedding for a grid: the model's own at its size; else
+        the sin-cos table of that grid (moco), or the learned one resampled bicubically (dino)."""
+        if (grid_h, grid_w) == self.patch_embed.grid_size:
+            return self.pos_embed
+        if self.recipe == "moco":
+            return sincos_pos_embed_2d(grid_h, grid_w, self.embed_dim).to(self.pos_embed)
+        gh, gw = self.patch_embed.grid_size
+        patches = self.pos_embed[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)        # (1, C, gh, gw)
+        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patches = patches.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([self.pos_embed[:, :1], patches], dim=1)
+
     def forward_features(self, x):  # (B, 3, H, W) -> (B, C)
-        x = self.patch_embed(x) + self.pos_embed[:, 1:].to(x.dtype)
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
+        p = self.size.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels is not a multiple of patch size {p}")
+        pos = self.pos_embed_for(x.shape[-2] // p, x.shape[-1] // p)
+        x = self.patch_embed(x) + pos[:, 1:].to(x.dtype)
+        cls = (self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + P, C)
         branch = None
         for blk in self.blocks:
