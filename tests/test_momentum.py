@@ -109,6 +109,17 @@ def _run(cmd):
 def test_bf16_ema_follows_the_fp32_master_trajectory(tmp_path, stage, procs, extra):
     """After some bf16 steps the momentum state equals the EMA of the online encoder's fp32 master,
     read step by step through DeepSpeed's own accessor (safe_get_full_fp32_param)."""
+    _check_trajectory(tmp_path, stage, procs, extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [1, 3])  # the recipes' stages: ViT-S/B/L ZeRO-1, ViT-H ZeRO-3
+def test_bf16_ema_follows_the_fp32_master_trajectory_on_the_gpu(tmp_path, stage):
+    """The same on CUDA: the fused EMA kernel over views into DeepSpeed's flat fp32 partitions."""
+    _check_trajectory(tmp_path, stage, 1, [])
+
+
+def _check_trajectory(tmp_path, stage, procs, extra):
     launch = [sys.executable] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", _free_port()]
     out = tmp_path / "result.json"
