@@ -229,7 +229,8 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
               tau_t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, sum of the teacher logits over views and rows (K,), fp32). The teacher and the center get
     no gradient (DINO's teacher is an EMA, its center a statistic)."""
-    return DinoLossFn.apply(student, teacher.detach(), center.detach(), tau_s, tau_t)
+    # the center is saved for backward: a copy, so the caller may update it in place meanwhile
+    return DinoLossFn.apply(student, teacher.detach(), center.detach().float().clone(), tau_s, tau_t)
 
 
 def dino_loss_ref(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, tau_s: float,

@@ -1,0 +1,218 @@
+"""DINO against a straightforward implementation written here (timm backbones, torch's weight_norm, the
+loss as the paper writes it, center update and temperature schedule), on 1 and 2 gloo processes."""
+import math
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastmoco import ops
+from fastmoco.dino import DINO, cosine_schedule, param_groups, teacher_temp_schedule
+from fastmoco.models.vit import VisionTransformer
+
+ARCH = dict(arch="vit_test", img_size=32, patch_size=8, num_heads=3, out_dim=50, hidden_dim=40, bottleneck_dim=16)
+GLOBAL, LOCAL = 32, 16
+
+
+def crops(batch, seed, n_local=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, GLOBAL, GLOBAL, generator=g) for _ in range(2)] + \
+        [torch.randn(batch, 3, LOCAL, LOCAL, generator=g) for _ in range(n_local)]
+
+
+# -- the independent implementation -------------------------------------------------------------------
+def dino_interpolate(pos_embed, grid):
+    """DINO's position-embedding resampling: patch part bicubic to the new grid, class token as is."""
+    n = pos_embed.shape[1] - 1
+    side = int(math.sqrt(n))
+    patches = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
+
+
+class RefEncoder(nn.Module):
+    """timm ViTs (one per crop size, sharing weights) + DINO's head with torch's weight_norm."""
+
+    def __init__(self, state: dict):
+        super().__init__()
+        kw = dict(patch_size=8, embed_dim=72, depth=2, num_heads=3, num_classes=0, qkv_bias=True)
+        self.vit = timm.models.vision_transformer.VisionTransformer(img_size=GLOBAL, **kw)
+        self.vit.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+        self.mlp = nn.Sequential(nn.Linear(72, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 16))
+        self.mlp.load_state_dict({k[len("head.mlp."):]: v for k, v in state.items() if k.startswith("head.mlp.")})
+        self.last_layer = nn.utils.weight_norm(nn.Linear(16, 50, bias=False))
+        self.last_layer.weight_g.data.copy_(state["head.last_layer.weight_g"])
+        self.last_layer.weight_v.data.copy_(state["head.last_layer.weight_v"])
+        self.last_layer.weight_g.requires_grad_(False)
+
+    def backbone(self, x):
+        grid = x.shape[-1] // 8
+        pos = self.vit.pos_embed if grid == GLOBAL // 8 else dino_interpolate(self.vit.pos_embed, grid)
+        t = self.vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.vit.cls_token.expand(x.shape[0], -1, -1), t], 1) + pos
+        for blk in self.vit.blocks:
+            t = blk(t)
+        return self.vit.norm(t)[:, 0]
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(self.backbone(x)), dim=-1))
+
+
+def ref_loss(student_out, teacher_out, center, temp, student_temp=0.1):
+    """The DINO loss as written in the paper: every (teacher global i, student j != i) pair."""
+    s = [o / student_temp for o in student_out]
+    t = [F.softmax((o - center) / temp, dim=-1) for o in teacher_out]
+    total, n = 0.0, 0
+    for i, q in enumerate(t):
+        for j, v in enumerate(s):
+            if j == i:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(v, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+def ref_center(center, teacher_out, momentum=0.9):
+    batch = torch.cat(teacher_out).sum(0, keepdim=True)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        dist.all_reduce(batch)
+    return center * momentum + batch / (len(torch.cat(teacher_out)) * world) * (1 - momentum)
+
+
+# -- tests ---------------------------------------------------------------------------------------------
+def test_schedules_are_dinos():
+    lr = cosine_schedule(0.5, 1e-6, epochs=5, steps_per_epoch=4, warmup_epochs=2)
+    assert lr.shape == (20,)
+    assert lr[:8].tolist() == pytest.approx(torch.linspace(0, 0.5, 8).tolist())
+    assert lr[8] == pytest.approx(0.5) and lr[-1] == pytest.approx(1e-6 + 0.5 * (0.5 - 1e-6) *
+                                                                  (1 + math.cos(math.pi * 11 / 12)))
+    temps = teacher_temp_schedule(0.04, 0.07, warmup_epochs=3, epochs=5, steps_per_epoch=2)
+    assert temps.tolist() == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07, 0.07, 0.07, 0.07, 0.07])
+    m = cosine_schedule(0.996, 1.0, epochs=2, steps_per_epoch=3)
+    assert m[0] == pytest.approx(0.996) and m.diff().min() > 0
+
+
+def test_head_and_groups_follow_the_official_layout():
+    model = DINO(**ARCH)
+    names = set(model.state_dict())
+    for k in ("student.head.mlp.0.weight", "student.head.mlp.4.bias", "student.head.last_layer.weight_g",
+              "student.head.last_layer.weight_v", "teacher.backbone.pos_embed", "center"):
+        assert k in names, k
+    assert not model.student.head.last_layer.weight_g.requires_grad    # norm_last_layer
+    groups = param_groups(model)
+    by = {(g["apply_wd"], g["last_layer"]): g for g in groups}
+    assert by[False, False]["weight_decay"] == 0.0
+    assert all(p.dim() > 1 for p in by[True, False]["params"])
+    assert by[True, True]["params"] == [model.student.head.last_layer.weight_v]
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.student.parameters())
+
+
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_three_steps_equal_the_straightforward_implementation(fused):
+    """Loss and every student gradient at each step, the center and the teacher after each step, over a
+    teacher-temperature warmup and the momentum schedule; plain SGD on both sides."""
+    torch.manual_seed(0)
+    model = DINO(**ARCH, drop_path=0.0)
+    student_state = {k[len("student."):]: v.clone() for k, v in model.state_dict().items() if k.startswith("student.")}
+    ref_s, ref_t = RefEncoder(student_state), RefEncoder(student_state).requires_grad_(False)
+    center = torch.zeros(1, 50)
+    temps = teacher_temp_schedule(0.04, 0.07, warmup_epochs=2, epochs=3, steps_per_epoch=1).tolist()
+    momenta = cosine_schedule(0.9, 1.0, epochs=3, steps_per_epoch=1).tolist()
+    ours_params = [p for p in model.student.parameters() if p.requires_grad]
+    ref_params = [p for p in ref_s.parameters() if p.requires_grad]
+    opt, ref_opt = torch.optim.SGD(ours_params, lr=0.5), torch.optim.SGD(ref_params, lr=0.5)
+    with ops.fused(dino_loss=fused):
+        for step in range(3):
+            views = crops(4, seed=step)
+            m_prev = torch.tensor(1.0 if step == 0 else momenta[step - 1])
+            loss = model(*views, m=m_prev, teacher_temp=temps[step])
+            opt.zero_grad()
+            loss.backward()
+
+            student_out = [ref_s(v) for v in views]
+            with torch.no_grad():
+                teacher_out = [ref_t(v) for v in views[:2]]
+            rl = ref_loss(student_out, teacher_out, center, temps[step])
+            ref_opt.zero_grad()
+            rl.backward()
+            assert loss.item() == pytest.approx(rl.item(), rel=1e-5), step
+            ours_grads = dict(model.student.named_parameters())
+            for name, p in ref_s.named_parameters():
+                if not p.requires_grad:
+                    continue
+                mine = ours_grads[_our_name(name)].grad
+                torch.testing.assert_close(mine, p.grad, rtol=1e-4, atol=1e-6, msg=f"step {step} {name}")
+            opt.step()
+            ref_opt.step()
+            with torch.no_grad():   # DINO's order: center after the loss, teacher EMA after the step
+                center = ref_center(center, teacher_out)
+                for pt, ps in zip(ref_t.parameters(), ref_s.parameters()):
+                    pt.mul_(momenta[step]).add_((1 - momenta[step]) * ps)
+            torch.testing.assert_close(model.center, center, rtol=1e-5, atol=1e-7)
+    # the teacher after the last update (done at the start of the next step here)
+    model.update_teacher(torch.tensor(momenta[2]))
+    teacher = dict(model.teacher.named_parameters())
+    for name, p in ref_t.named_parameters():
+        torch.testing.assert_close(teacher[_our_name(name)], p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def _our_name(ref_name: str) -> str:
+    if ref_name.startswith("vit."):
+        return "backbone." + ref_name[len("vit."):]
+    return "head." + ref_name
+
+
+def test_drop_path_is_per_sample_and_off_in_eval():
+    from fastmoco.models.vit import drop_path
+    torch.manual_seed(0)
+    y = drop_path(torch.ones(4000, 3, 5), 0.3, training=True)
+    per_sample = y.reshape(4000, -1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.7).all(1)).all()   # whole samples, rescaled
+    assert (per_sample[:, 0] == 0).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    assert torch.equal(drop_path(torch.ones(4, 2), 0.3, training=False), torch.ones(4, 2))
+    vit = VisionTransformer("vit_test", img_size=32, recipe="dino", drop_path=0.5)
+    assert [b.drop_path for b in vit.blocks] == [0.0, 0.5]     # linearly increasing, as DINO
+    x = torch.randn(8, 3, 32, 32)
+    vit.eval()
+    assert torch.equal(vit(x), vit(x))
+    vit.train()
+    assert not torch.equal(vit(x), vit(x))
+
+
+def _two_rank_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = DINO(**ARCH, drop_path=0.0)
+    views = [v[rank * 3:(rank + 1) * 3] for v in crops(6, seed=1)]
+    loss = model(*views, m=torch.tensor(0.99), teacher_temp=0.05)
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.student.parameters() if p.requires_grad])
+    dist.all_reduce(grads)
+    grads /= 2
+    if rank == 0:
+        torch.save({"grads": grads, "center": model.center.clone(), "loss": loss.detach()}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path / "two.pt")), nprocs=2)
+    two = torch.load(tmp_path / "two.pt")
+    torch.manual_seed(0)
+    model = DINO(**ARCH, drop_path=0.0)
+    loss = model(*crops(6, seed=1), m=torch.tensor(0.99), teacher_temp=0.05)
+    loss.backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.student.parameters() if p.requires_grad])
+    torch.testing.assert_close(two["center"], model.center, rtol=1e-5, atol=1e-7)   # all-reduced
+    torch.testing.assert_close(two["grads"], grads, rtol=1e-4, atol=1e-7)
