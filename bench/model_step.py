@@ -81,7 +81,7 @@ def kernel_availability() -> dict[str, str | None]:
 
 
 def fused_modes(device: torch.device, smoke: bool) -> tuple[dict[str, str], list[str]]:
-    """ops modes for the fused build and notes naming any op left unfused.
+    """ops modes for the trainer and e2e builds, and notes naming any op left unfused.
 
     On CUDA "auto" is the kernel. In CPU smoke mode "on" runs each kernel under the
     Triton interpreter so the code path is exercised. An op whose kernel does not
@@ -337,7 +337,10 @@ def max_batch(arch: str, *, img: int, dim: int, mlp_dim: int, device: torch.devi
                     break
                 bad = b
                 probes.append((b, "out of memory"))
-                release_trainer(trainer)
+                try:  # an engine stopped mid-step may not come apart cleanly: drop it either way
+                    release_trainer(trainer)
+                except Exception as drop_error:  # noqa: BLE001
+                    probes.append((b, f"releasing the engine: {type(drop_error).__name__}"))
                 trainer = None
             if bad is None:
                 b = min(b * 2, limit) if b < limit else 0
