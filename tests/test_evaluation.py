@@ -16,7 +16,8 @@ from fastmoco.evaluation.knn import knn_accuracy
 from fastmoco.evaluation.weights import (OFFICIAL_PREFIX, WeightsError, build_backbone, export, init_from,
                                          load_weights)
 from fastmoco.models.vit import VIT_SIZES, VisionTransformer
-from test_train import COMMON, ROOT, TINY, WORKER, free_port, run, train_1proc, train_2proc
+from bench.peer import official_mlp
+from test_train import COMMON, ROOT, TINY, free_port, run, train_1proc, train_2proc
 
 EVAL_WORKER = str(ROOT / "tests" / "eval_worker.py")
 
@@ -151,21 +152,6 @@ def test_official_lr_schedule_is_main_lincls_cosine():
 
 
 # -- export and import -------------------------------------------------------------------------------
-def official_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):
-    """The official builder's MLP layout (moco-v3 moco/builder.py `_build_mlp`), written here from its
-    naming: Linear(no bias) [BN ReLU] ..., last BN without affine."""
-    layers = []
-    for i in range(num_layers):
-        d1 = input_dim if i == 0 else mlp_dim
-        d2 = output_dim if i == num_layers - 1 else mlp_dim
-        layers.append(nn.Linear(d1, d2, bias=False))
-        if i < num_layers - 1:
-            layers += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
-        elif last_bn:
-            layers.append(nn.BatchNorm1d(d2, affine=False))
-    return nn.Sequential(*layers)
-
-
 def official_checkpoint(path, arch, img_size, dim=32, mlp_dim=48, seed=0):
     """An official MoCo v3 checkpoint file: timm ViTs (as moco-v3 vits.py builds on timm) with the
     official heads, every tensor random, saved as main_moco.py saves ({"state_dict": {"module.*"}})."""

@@ -65,6 +65,16 @@ def _backbone_and_splits(args, device):
     return backbone, train, val, data, size, info
 
 
+def _extract_both(backbone, train, val, data, *, size: int, batch: int, device) -> list:
+    """[(features, labels) of train, of val]: the evaluation transform, bf16 forward on a GPU."""
+    from fastmoco.evaluation.features import extract_features
+
+    bf16 = device.type == "cuda"
+    kw = dict(batch_size=batch, image_size=size, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return [extract_features(backbone, split.loader(data, **kw), image_size=size, split=split, bf16=bf16)
+            for split in (train, val)]
+
+
 def _num_classes(train, labels: torch.Tensor) -> int:
     return train.num_classes or int(labels.max()) + 1
 
@@ -85,18 +95,12 @@ def knn_main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=0.07)
     args = p.parse_args(argv)
     with _errors():
-        from fastmoco.evaluation.features import extract_features
         from fastmoco.evaluation.knn import format_knn, knn_accuracy
 
         device = _setup_distributed()
         backbone, train, val, data, size, info = _backbone_and_splits(args, device)
-        bf16 = device.type == "cuda"
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        kw = dict(batch_size=args.batch_size, image_size=size, device=device, dtype=dtype)
-        bank, bank_labels = extract_features(backbone, train.loader(data, **kw), image_size=size, split=train,
-                                             bf16=bf16)
-        queries, query_labels = extract_features(backbone, val.loader(data, **kw), image_size=size, split=val,
-                                                 bf16=bf16)
+        (bank, bank_labels), (queries, query_labels) = _extract_both(backbone, train, val, data, size=size,
+                                                                     batch=args.batch_size, device=device)
         result = knn_accuracy(bank, bank_labels, queries, query_labels, ks=args.k, temperature=args.temperature,
                               num_classes=_num_classes(train, bank_labels))
         if get_rank() == 0:
@@ -123,17 +127,13 @@ def linear_main(argv: list[str] | None = None) -> None:
     p.set_defaults(batch_size=None)
     args = p.parse_args(argv)
     with _errors():
-        from fastmoco.evaluation.features import extract_features
-
         device = _setup_distributed()
         backbone, train, val, data, size, info = _backbone_and_splits(args, device)
         bf16 = device.type == "cuda"
         dtype = torch.bfloat16 if bf16 else torch.float32
         if args.fast:
-            batch = args.batch_size or 256
-            kw = dict(batch_size=batch, image_size=size, device=device, dtype=dtype)
-            xt, yt = extract_features(backbone, train.loader(data, **kw), image_size=size, split=train, bf16=bf16)
-            xv, yv = extract_features(backbone, val.loader(data, **kw), image_size=size, split=val, bf16=bf16)
+            (xt, yt), (xv, yv) = _extract_both(backbone, train, val, data, size=size, batch=args.batch_size or 256,
+                                               device=device)
             res = lin.train_linear_fast(xt, yt, xv, yv, num_classes=_num_classes(train, yt),
                                         epochs=args.epochs or lin.FAST_EPOCHS, holdout=args.holdout)
             mode = "fast linear probe on cached features (NOT the paper's protocol)"
