@@ -62,6 +62,54 @@ def test_bf16_module_blends_the_optimizers_fp32_master_and_writes_the_bf16_copy(
     assert moved > 0  # the tiny update was kept
 
 
+def _zero12_like(model: MoCo, align: int = 8) -> types.SimpleNamespace:
+    """What DeepSpeed's ZeRO-1/2 optimizer exposes on one rank: the group's bf16 parameters as views
+    into one flat buffer (each padded to `align`), and the rank's fp32 partition of it (all of it).
+    The predictor's parameters are put between the encoder's, so the EMA's runs must split there."""
+    online = [p for p in model.base_encoder.parameters() if p.requires_grad]
+    group = online[:3] + list(model.predictor.parameters()) + online[3:]
+    sizes = [-(-p.numel() // align) * align for p in group]
+    flat = torch.zeros(sum(sizes), dtype=torch.bfloat16)
+    off = 0
+    for p, n in zip(group, sizes):
+        flat[off:off + p.numel()] = p.data.reshape(-1)
+        p.data = flat[off:off + p.numel()].view(p.shape)
+        off += n
+    return types.SimpleNamespace(bit16_groups_flat=[flat], single_partition_of_fp32_groups=[flat.float()],
+                                 bit16_groups=[group])
+
+
+def test_flat_partition_layout_blends_the_fp32_partition_and_skips_other_parameters():
+    torch.manual_seed(0)
+    model = MoCo("vit_test", img_size=32, dim=16, mlp_dim=24).to(torch.bfloat16)
+    opt = _zero12_like(model)
+    state = model.build_momentum_state(opt)
+    online = [p for p in model.base_encoder.parameters() if p.requires_grad]
+    assert len(state.params) == len(online) and len(state._ema_master) == 2  # two runs: the predictor splits them
+    part = opt.single_partition_of_fp32_groups[0]
+    flat = opt.bit16_groups_flat[0]
+
+    def fp32_of(p):  # the partition's elements of parameter p (world 1: the partition is the flat buffer)
+        off = (p.data_ptr() - flat.data_ptr()) // 2
+        return part[off:off + p.numel()].view(p.shape).clone()
+
+    start = [fp32_of(p) for p in online]
+    predictor_before = [p.detach().clone() for p in model.predictor.parameters()]
+    part.add_(torch.randn_like(part) * 1e-3)  # an optimizer step
+    master = [fp32_of(p) for p in online]
+    m = 0.9
+    model.update_momentum_encoder(torch.tensor(m))
+    for got, s, w, q in zip(state.full_master(), start, master, state.params):
+        torch.testing.assert_close(got, m * s + (1 - m) * w, rtol=1e-6, atol=1e-9)
+        assert torch.equal(q.data, got.to(torch.bfloat16))  # the momentum encoder reads bf16(master)
+    for p, before in zip(model.predictor.parameters(), predictor_before):
+        assert torch.equal(p, before)  # the EMA touches no other parameter of the group
+    full = assemble([state.state_dict()])
+    index = {id(q): i for i, q in enumerate(model.momentum_encoder.parameters())}
+    for q, got in zip(state.params, state.full_master()):
+        assert torch.equal(full[index[id(q)]], got)
+
+
 def test_state_dict_round_trip_and_shape_errors():
     torch.manual_seed(0)
     a = MoCo("vit_test", img_size=32, dim=16, mlp_dim=24)
