@@ -21,7 +21,7 @@ pass over memory. The momentum master is laid out like that fp32 master:
   encoders have the same shapes, so their shards cover the same element ranges
   and the EMA needs no communication.
 
-At construction the momentum master is set to the online encoder's fp32 master
+Under bf16, at construction the momentum master is set to the online encoder's fp32 master
 (MoCo starts the momentum encoder as a copy of the online one; DeepSpeed built
 its master from the bf16-cast module, so that is the starting point of both).
 Parameters the optimizer does not hold (the frozen patch projection) are equal
