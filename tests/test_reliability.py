@@ -270,10 +270,18 @@ def _wait_for(path, proc, timeout=180):
     return int(path.read_text())
 
 
-def _popen(cmd):
+def _popen(cmd, log=None):
+    """A worker; its output in pipes, or in file `log` (several at once: an undrained pipe would stall one)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = subprocess.PIPE if log is None else open(log, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if log else out, text=True)
+
+
+def _wait_all(procs, logs, timeout=300):
+    for proc, log in zip(procs, logs):
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, Path(log).read_text()[-4000:]
 
 
 @pytest.mark.slow
@@ -454,32 +462,23 @@ def test_9_truncate_records_drops_later_steps_and_a_torn_line(tmp_path):
 def test_10_two_nodes_shard_the_data_save_and_resume(baseline, tmp_path):
     out = tmp_path / "run"
 
-    def nodes(mode, *args):
+    def nodes(script, *args):
         port = free_port()
+        logs = [tmp_path / f"node{n}_{port}.log" for n in (0, 1)]
         procs = [_popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
-                         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, WORKER,
-                         mode, str(tmp_path / "dump"), TINY, "--logging.out_dir", str(out), *COMMON,
-                         "--deepspeed.train_micro_batch_size_per_gpu", "4", *args]) for n in (0, 1)]
-        for proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            assert proc.returncode == 0, stderr[-3000:]
+                         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *script,
+                         TINY, "--logging.out_dir", str(out), *COMMON,
+                         "--deepspeed.train_micro_batch_size_per_gpu", "4", *args], log) for n, log in zip((0, 1), logs)]
+        _wait_all(procs, logs)
 
-    nodes("fit-ranks", "--schedule.max_steps", "4")
+    nodes([WORKER, "fit-ranks", str(tmp_path / "dump")], "--schedule.max_steps", "4")
     ranks = [json.loads(Path(f"{tmp_path / 'dump'}.rank{r}.json").read_text()) for r in (0, 1)]
     assert [(r["rank"], r["local_rank"], r["shard_id"], r["num_shards"]) for r in ranks] == [(0, 0, 0, 2),
                                                                                           (1, 0, 1, 2)]
     assert not set(ranks[0]["epoch0"]) & set(ranks[1]["epoch0"])        # each node its own samples
     ckpt = out / "checkpoints" / "step_00000004"
     assert {"fastmoco_rank00000.pt", "fastmoco_rank00001.pt"} <= {p.name for p in ckpt.iterdir()}
-    # a second invocation on both nodes continues (fit-ranks runs Trainer without --resume: set it)
-    port = free_port()
-    procs = [_popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(n),
-                     "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, TRAIN,
-                     "--config", TINY, "--logging.out_dir", str(out), *COMMON, "--resume", "auto",
-                     "--deepspeed.train_micro_batch_size_per_gpu", "4", "--schedule.max_steps", "6"]) for n in (0, 1)]
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr[-3000:]
+    nodes([TRAIN, "--config"], "--resume", "auto", "--schedule.max_steps", "6")   # both nodes continue
     got = losses(out)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for s in got:   # the two nodes' global batch is the one-process batch: same losses
