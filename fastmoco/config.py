@@ -57,6 +57,12 @@ class DataConfig:
     blur_prob: list = field(default_factory=lambda: [1.0, 0.1])       # view 1, view 2
     solarize_prob: list = field(default_factory=lambda: [0.0, 0.2])   # view 1, view 2
     flip_prob: float = 0.5
+    local_crops: int = 0             # DINO's multi-crop: this many local crops after the two global ones
+    local_size: int = 96
+    local_scale: list = field(default_factory=lambda: [0.05, 0.4])   # RandomResizedCrop scale of a local crop
+    local_blur_prob: float = 0.5
+    local_solarize_prob: float = 0.0
+    interpolation: str = "linear"    # crop resize: linear (MoCo v3) | cubic (DINO)
     num_threads: int = 8             # DALI CPU threads / torchvision workers
     synthetic_size: int = 256        # samples per epoch of the synthetic source
     seed: int = 0

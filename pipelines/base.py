@@ -46,19 +46,36 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0] >> 1)
 
 
+INTERPOLATIONS = ("linear", "cubic")
+
+
 def augment_params(cfg) -> dict:
-    """The graph's parameters from a DataConfig (validated)."""
+    """The graph's parameters from a DataConfig (validated). `crops`: one spec per view, in output
+    order: the two global crops (size image_size, scale (crop_min, 1), blur/solarize of view 1 and 2),
+    then `local_crops` local ones (DINO's multi-crop); every view shares the colour parameters."""
     p = {k: getattr(cfg, k) for k in ("image_size", "crop_min", "jitter_prob", "brightness", "contrast",
-                                      "saturation", "hue", "grayscale_prob", "flip_prob")}
-    p["blur_prob"] = [float(v) for v in cfg.blur_prob]
-    p["solarize_prob"] = [float(v) for v in cfg.solarize_prob]
-    if len(p["blur_prob"]) != 2 or len(p["solarize_prob"]) != 2:
+                                      "saturation", "hue", "grayscale_prob", "flip_prob", "interpolation")}
+    blur, sol = [float(v) for v in cfg.blur_prob], [float(v) for v in cfg.solarize_prob]
+    if len(blur) != 2 or len(sol) != 2:
         raise ValueError("data.blur_prob and data.solarize_prob need two values: [view1, view2]")
-    probs = [p["jitter_prob"], p["grayscale_prob"], p["flip_prob"], *p["blur_prob"], *p["solarize_prob"]]
+    probs = [p["jitter_prob"], p["grayscale_prob"], p["flip_prob"], *blur, *sol, cfg.local_blur_prob,
+             cfg.local_solarize_prob]
     if not all(0.0 <= v <= 1.0 for v in probs):
         raise ValueError(f"data probabilities must lie in [0, 1], got {probs}")
     if not 0.0 < p["crop_min"] <= 1.0:
         raise ValueError(f"data.crop_min must lie in (0, 1], got {p['crop_min']}")
+    if p["interpolation"] not in INTERPOLATIONS:
+        raise ValueError(f"data.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {p['interpolation']!r}")
+    if cfg.local_crops < 0:
+        raise ValueError(f"data.local_crops must be >= 0, got {cfg.local_crops}")
+    local = [float(v) for v in cfg.local_scale]
+    if cfg.local_crops and (len(local) != 2 or not 0.0 < local[0] <= local[1] <= 1.0 or cfg.local_size < 1):
+        raise ValueError(f"data.local_scale must be [min, max] within (0, 1] and data.local_size >= 1, got "
+                         f"{cfg.local_scale} and {cfg.local_size}")
+    p["crops"] = [{"size": p["image_size"], "scale": [p["crop_min"], 1.0], "blur": blur[v], "solarize": sol[v]}
+                  for v in (0, 1)]
+    p["crops"] += [{"size": int(cfg.local_size), "scale": local, "blur": float(cfg.local_blur_prob),
+                    "solarize": float(cfg.local_solarize_prob)}] * cfg.local_crops
     return p
 
 

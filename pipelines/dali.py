@@ -1,4 +1,4 @@
-"""MoCo v3 two-crop augmentation as one NVIDIA DALI graph, run on the GPU or the CPU.
+"""MoCo v3's two-crop and DINO's multi-crop augmentation as one NVIDIA DALI graph, on the GPU or the CPU.
 
 `two_crop_pipeline(..., device="gpu")` decodes each JPEG once with nvJPEG
 (`device="mixed"`, hardware decoder for `hw_decoder_load` of the batch where
@@ -13,6 +13,14 @@ Per view, in MoCo v3's order (torchvision reference: moco-v3 main_moco.py):
     RandomApply(GaussianBlur(sigma in [0.1, 2.0]), p=blur_prob[view])
     RandomApply(Solarize(threshold 128), p=solarize_prob[view])
     RandomHorizontalFlip(p=flip_prob), ToTensor, Normalize(ImageNet)
+
+The views are the crop specs of `augment_params`: MoCo v3's two, or DINO's
+multi-crop (dino main_dino.py DataAugmentationDINO): the same two global crops
+(scale (0.4, 1), blur 1.0 / 0.1, solarize 0 / 0.2) then `local_crops` local
+ones (local_size, scale local_scale, blur local_blur_prob), every view with the
+same colour jitter / grayscale / flip, bicubic resize (`interpolation`).
+Each JPEG is decoded once for all its views. DINO flips before the colour
+ops; the flip commutes with all of them, so it stays last here.
 
 How each maps to DALI, and where it differs from torchvision/PIL:
 
@@ -93,6 +101,7 @@ LUMA = (0.299, 0.587, 0.114)      # ITU-R 601-2, as PIL's convert("L") and torch
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
 
+INTERP = {"linear": types.INTERP_LINEAR, "cubic": types.INTERP_CUBIC} if HAS_DALI else {}
 DEBUG_KEYS = ("image_shape", "crop_anchor", "crop_shape", "jitter", "gray", "blur", "sigma",
               "solarize", "flip", "pre_flip", "pre_blur")
 
@@ -104,15 +113,16 @@ def _coin(p: float, dtype=None):
     return fn.cast(fn.random.coin_flip(probability=float(p), dtype=types.UINT8), dtype=types.FLOAT)
 
 
-def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
-    """One augmented view: (CHW float normalised, debug outputs or [])."""
-    size = p["image_size"]
-    anchor, crop = fn.random_crop_generator(image_shape, random_area=[p["crop_min"], 1.0],
+def _view(image, image_shape, spec: dict, p: dict, to_dev, debug: bool):
+    """One augmented view of crop `spec` (size, scale, blur and solarize probabilities; see
+    `augment_params`): (CHW float normalised, debug outputs or [])."""
+    size = spec["size"]
+    anchor, crop = fn.random_crop_generator(image_shape, random_area=list(spec["scale"]),
                                             random_aspect_ratio=[3 / 4, 4 / 3])
     start = fn.cast(anchor, dtype=types.FLOAT)
     color = p["jitter_prob"] > 0 or p["grayscale_prob"] > 0
     x = fn.resize(image, size=[size, size], roi_start=start, roi_end=start + fn.cast(crop, dtype=types.FLOAT),
-                  roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR,
+                  roi_relative=False, antialias=True, interp_type=INTERP[p["interpolation"]],
                   dtype=types.FLOAT if color else types.UINT8)   # (S, S, 3) HWC
 
     zero = fn.constant(fdata=0.0)
@@ -145,7 +155,7 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
         x = fn.cast(x, dtype=types.UINT8)
 
     pre_blur = x
-    p_blur = p["blur_prob"][view]
+    p_blur = spec["blur"]
     if p_blur > 0:
         sigma = fn.random.uniform(range=list(BLUR_SIGMA))
         if p_blur < 1:
@@ -155,7 +165,7 @@ def _view(image, image_shape, view: int, p: dict, to_dev, debug: bool):
         else:
             blur = fn.constant(fdata=1.0)
             x = fn.gaussian_blur(x, sigma=sigma)
-    p_sol = p["solarize_prob"][view]
+    p_sol = spec["solarize"]
     if p_sol > 0:
         solarize = _coin(p_sol, types.UINT8)
         if solarize:
@@ -218,9 +228,10 @@ if HAS_DALI:
         """The two-crop graph. `source`: a callable giving (encoded bytes, labels) batches
         (`EncodedFeeder`). `device`: "gpu" (mixed decode, GPU ops) or "cpu".
 
-        Outputs: view1, view2 (B, 3, S, S) float32 normalised; labels (B, 1)
-        int32; with `debug`, per view the `DEBUG_KEYS` values (view 1's then
-        view 2's; `pre_flip` is the uint8 HWC image before flip/normalise, `pre_blur` before blur).
+        Outputs: one (B, 3, S_v, S_v) float32 normalised view per crop spec of
+        `aug["crops"]` (evaluation: two, the same image); labels (B, 1) int32;
+        with `debug`, per view the `DEBUG_KEYS` values (view 1's, then view 2's,
+        ...; `pre_flip` is the uint8 HWC image before flip/normalise, `pre_blur` before blur).
         """
         encoded, label = fn.external_source(source=source, num_outputs=2, batch=True,
                                             dtype=[types.UINT8, types.INT32], ndim=[1, 1])
@@ -246,9 +257,8 @@ if HAS_DALI:
                                             std=[255.0 * s for s in IMAGENET_STD])
             return view, view, label
         image_shape = fn.peek_image_shape(encoded)   # (H, W, C) from the header, on the CPU
-        v1, dbg1 = _view(image, image_shape, 0, aug, to_dev, debug)
-        v2, dbg2 = _view(image, image_shape, 1, aug, to_dev, debug)
-        return (v1, v2, label, *dbg1, *dbg2)
+        views = [_view(image, image_shape, spec, aug, to_dev, debug) for spec in aug["crops"]]
+        return (*(v for v, _ in views), label, *(d for _, dbg in views for d in dbg))
 
 
 class DaliTwoCropLoader(TwoCropLoader):
@@ -345,17 +355,18 @@ class DaliTwoCropLoader(TwoCropLoader):
     def _batches(self):
         if self._pipe is None or self._pipe_moves != self.cursor.moves:
             self._build()
+        num_views = len(self.aug["crops"]) if self.train else 2
         for _, _, idx in self.cursor.batches():
             outs = self._run()
             self._pipe_ran = True
             n = len(idx)
             # ONE fused cast per view (float32 -> bf16 on the GPU); labels to int64.
-            v1 = self._to_torch(outs[0], n).to(self.dtype, memory_format=torch.contiguous_format)
-            v2 = self._to_torch(outs[1], n).to(self.dtype, memory_format=torch.contiguous_format)
-            labels = self._to_torch(outs[2], n).reshape(-1).to(torch.int64)
+            views = [self._to_torch(out, n).to(self.dtype, memory_format=torch.contiguous_format)
+                     for out in outs[:num_views]]
+            labels = self._to_torch(outs[num_views], n).reshape(-1).to(torch.int64)
             if self.debug:
-                self.last_debug = self._debug_outputs(outs[3:], n)
-            yield v1, v2, labels
+                self.last_debug = self._debug_outputs(outs[num_views + 1:], n)
+            yield (*views, labels)
 
     def _run(self):
         """pipe.run(). DALI's decoders fail naming no file: then the files of this batch and of
@@ -374,7 +385,7 @@ class DaliTwoCropLoader(TwoCropLoader):
     @staticmethod
     def _debug_outputs(outs, n) -> dict:
         res = {}
-        for view in (1, 2):
+        for view in range(1, len(outs) // len(DEBUG_KEYS) + 1):
             part = outs[(view - 1) * len(DEBUG_KEYS):view * len(DEBUG_KEYS)]
             for key, out in zip(DEBUG_KEYS, part):
                 cpu = out.as_cpu() if hasattr(out, "as_cpu") else out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import TwoCropLoader, mix_seed
+from .base import TwoCropLoader, augment_params, mix_seed
 
 NUM_CLASSES = 10
 PATTERN = 8               # side of the low-resolution patterns
@@ -43,22 +43,28 @@ def _key(indices: torch.Tensor, *parts: int) -> torch.Tensor:
     return _hash32(indices ^ mix_seed(*parts))
 
 
-def synthetic_batch(indices: torch.Tensor, *, seed: int, epoch: int, image_size: int,
-                    train: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Views (B, 3, S, S) float32 and labels (B,) int64 for sample `indices` (int64, any device)."""
+def synthetic_batch(indices: torch.Tensor, *, seed: int, epoch: int, image_size: int, train: bool = True,
+                    sizes: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Views (B, 3, S_v, S_v) float32, one per entry of `sizes` (default two of image_size; evaluation:
+    two, the same image), and labels (B,) int64 for sample `indices` (int64, any device)."""
     b = indices.numel()
     labels = indices % NUM_CLASSES
     low = 3 * PATTERN * PATTERN
     cls = _unit_noise(_key(labels, seed, 1), low)
     own = _unit_noise(_key(indices, seed, 2), low)
-    base = ((cls + own) * 0.7071067811865476).view(b, 3, PATTERN, PATTERN)
-    base = F.interpolate(base, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    pattern = ((cls + own) * 0.7071067811865476).view(b, 3, PATTERN, PATTERN)
+
+    def at(size):
+        return F.interpolate(pattern, size=(size, size), mode="bilinear", align_corners=False)
+
     if not train:
+        base = at(image_size)
         return base, base.clone(), labels
-    n = 3 * image_size * image_size
-    views = [base + NOISE * _unit_noise(_key(indices, seed, 3, epoch, view), n).view_as(base)
-             for view in (0, 1)]
-    return views[0], views[1], labels
+    views = []
+    for view, size in enumerate(sizes or (image_size, image_size)):
+        base = at(size)
+        views.append(base + NOISE * _unit_noise(_key(indices, seed, 3, epoch, view), base[0].numel()).view_as(base))
+    return (*views, labels)
 
 
 class SyntheticTwoCropLoader(TwoCropLoader):
@@ -68,9 +74,11 @@ class SyntheticTwoCropLoader(TwoCropLoader):
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, train: bool = True):
         super().__init__(cfg, cfg.synthetic_size, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train)
+        self.sizes = [c["size"] for c in augment_params(cfg)["crops"]]
 
     def _batches(self):
         for epoch, _, idx in self.cursor.batches():
-            v1, v2, labels = synthetic_batch(torch.from_numpy(idx).to(self.device), seed=self.cfg.seed, epoch=epoch,
-                                             image_size=self.cfg.image_size, train=self.train)
-            yield v1.to(self.dtype), v2.to(self.dtype), labels
+            *views, labels = synthetic_batch(torch.from_numpy(idx).to(self.device), seed=self.cfg.seed,
+                                             epoch=epoch, image_size=self.cfg.image_size, train=self.train,
+                                             sizes=self.sizes)
+            yield (*(v.to(self.dtype) for v in views), labels)

@@ -59,11 +59,15 @@ def crop_window(height: int, width: int, scale: tuple[float, float], g: torch.Ge
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def augment(img: Image.Image, aug: dict, view: int, g: torch.Generator) -> torch.Tensor:
-    """One MoCo v3 view of a PIL RGB image: (3, S, S) float32, normalised."""
-    size = aug["image_size"]
-    top, left, h, w = crop_window(img.height, img.width, (aug["crop_min"], 1.0), g)
-    img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR)
+INTERPOLATION = {"linear": InterpolationMode.BILINEAR, "cubic": InterpolationMode.BICUBIC}
+
+
+def augment(img: Image.Image, aug: dict, spec: dict, g: torch.Generator) -> torch.Tensor:
+    """One view of crop `spec` (augment_params' crops: size, scale, blur, solarize) of a PIL RGB image:
+    (3, S, S) float32, normalised."""
+    size = spec["size"]
+    top, left, h, w = crop_window(img.height, img.width, tuple(spec["scale"]), g)
+    img = TF.resized_crop(img, top, left, h, w, [size, size], INTERPOLATION[aug["interpolation"]])
     if _coin(g, aug["jitter_prob"]):
         b = _uniform(g, max(0.0, 1 - aug["brightness"]), 1 + aug["brightness"])
         c = _uniform(g, max(0.0, 1 - aug["contrast"]), 1 + aug["contrast"])
@@ -80,9 +84,9 @@ def augment(img: Image.Image, aug: dict, view: int, g: torch.Generator) -> torch
                 img = TF.adjust_hue(img, hue)
     if _coin(g, aug["grayscale_prob"]):
         img = TF.to_grayscale(img, num_output_channels=3)
-    if _coin(g, aug["blur_prob"][view]):
+    if _coin(g, spec["blur"]):
         img = img.filter(ImageFilter.GaussianBlur(radius=_uniform(g, *BLUR_SIGMA)))
-    if _coin(g, aug["solarize_prob"][view]):
+    if _coin(g, spec["solarize"]):
         img = ImageOps.solarize(img, SOLARIZE_THRESHOLD)
     if _coin(g, aug["flip_prob"]):
         img = TF.hflip(img)
@@ -96,7 +100,7 @@ def eval_view(img: Image.Image, size: int) -> torch.Tensor:
 
 
 class TwoCropDataset(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (view1, view2, label); the epoch travels with the index
+    """Item (epoch, index) -> (*views, label) (one view per crop spec); the epoch travels with the index
     so that (persistent) workers need no state."""
 
     def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True,
@@ -115,10 +119,10 @@ class TwoCropDataset(torch.utils.data.Dataset):
             v = eval_view(img, self.aug["image_size"])
             return v, v, label
         views = []
-        for view in (0, 1):
+        for view, spec in enumerate(self.aug["crops"]):
             g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, index, view))
-            views.append(augment(img, self.aug, view, g))
-        return views[0], views[1], label
+            views.append(augment(img, self.aug, spec, g))
+        return (*views, label)
 
     def _load(self, index: int) -> tuple[Image.Image, int]:
         """(RGB image, index) of sample `index`, or of its stand-in when it cannot be read or
@@ -167,7 +171,6 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
             persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
 
     def _batches(self):
-        for v1, v2, labels in self.dataloader:
-            yield (v1.to(self.device, self.dtype, non_blocking=True),
-                   v2.to(self.device, self.dtype, non_blocking=True),
+        for *views, labels in self.dataloader:
+            yield (*(v.to(self.device, self.dtype, non_blocking=True) for v in views),
                    labels.to(self.device, torch.int64, non_blocking=True))

@@ -267,3 +267,24 @@ def test_build_loader_picks_backend_and_falls_back(small_photos, monkeypatch):
         build_loader(DataConfig(source="web"), batch_size=4)
     with pytest.raises(DatasetError):
         build_loader(DataConfig(path=str(small_photos / "nope")), batch_size=4)
+
+
+@pytest.mark.parametrize("backend", ["synthetic", "torchvision"])
+def test_multi_crop_views_on_every_backend(small_photos, backend):
+    """DINO's multi-crop: 2 global + N local views, each at its crop size, every view different; the
+    two-crop views of MoCo unchanged by adding locals (same seeds per view index)."""
+    common = dict(image_size=32, num_threads=0, synthetic_size=24)
+    if backend == "synthetic":
+        two = SyntheticTwoCropLoader(DataConfig(source="synthetic", **common), batch_size=4)
+        multi = SyntheticTwoCropLoader(DataConfig(source="synthetic", local_crops=3, local_size=16, **common),
+                                       batch_size=4)
+    else:
+        samples = scan_image_folder(small_photos)
+        two = TorchvisionTwoCropLoader(samples, DataConfig(**common), batch_size=4)
+        multi = TorchvisionTwoCropLoader(samples, DataConfig(local_crops=3, local_size=16, **common), batch_size=4)
+    *views, labels = next(iter(multi))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 3
+    assert labels.shape == (4,)
+    assert all((views[i] - views[j]).abs().mean() > 0.01 for i in range(2, 5) for j in range(i + 1, 5))
+    v1, v2, labels2 = next(iter(two))
+    assert torch.equal(v1, views[0]) and torch.equal(v2, views[1]) and torch.equal(labels, labels2)

@@ -351,3 +351,31 @@ def test_gpu_benchmark_runs(tmp_path):
     res = benchmark_pipeline(str(root), "dali", batch_size=64, num_threads=8, num_batches=8, warmup=2)
     assert res["images_per_s"] > 0 and res["dtype"] == "bfloat16"
     print(res)
+
+
+def test_multi_crop_views_follow_their_crop_specs(photos):
+    """DINO's multi-crop on the same graph: 2 global crops (scale 0.4-1, blur 1.0 / 0.1, solarize 0 / 0.2)
+    and 4 local ones (96 -> here 24 px, scale 0.05-0.4, blur 0.5, no solarize), bicubic resize."""
+    cfg = _cfg(image_size=48, crop_min=0.4, local_crops=4, local_size=24, local_scale=[0.05, 0.4],
+               local_blur_prob=0.5, local_solarize_prob=0.0, interpolation="cubic")
+    ld = DaliTwoCropLoader(photos, cfg, batch_size=32, debug=True)
+    dbg, shapes = [], None
+    for e in range(2):
+        ld.set_epoch(e)
+        for *views, labels in ld:
+            shapes = [tuple(v.shape) for v in views]
+            dbg.append(ld.last_debug)
+    assert shapes == [(32, 3, 48, 48)] * 2 + [(32, 3, 24, 24)] * 4 and labels.shape == (32,)
+    d = {k: np.concatenate([x[k] for x in dbg]) for k in dbg[0]}
+    specs = [((0.4, 1.0), 1.0, 0.0), ((0.4, 1.0), 0.1, 0.2)] + [((0.05, 0.4), 0.5, 0.0)] * 4
+    for view, ((lo, hi), blur, sol) in enumerate(specs, 1):
+        hw = d[f"image_shape{view}"][:, :2].astype(np.float64)
+        area = d[f"crop_shape{view}"].astype(np.float64).prod(1) / hw.prod(1)
+        assert area.min() >= lo * 0.95 and area.max() <= hi * 1.05, (view, area.min(), area.max())
+        assert area.max() - area.min() > 0.5 * (hi - lo)
+        for key, p in (("blur", blur), ("solarize", sol), ("flip", cfg.flip_prob), ("jitter", cfg.jitter_prob),
+                       ("gray", cfg.grayscale_prob)):
+            ok, frac = _binomial_ok(d[f"{key}{view}"], p)
+            assert ok, (view, key, frac)
+    # the local crops of one image are different crops of it
+    assert (d["crop_anchor3"] != d["crop_anchor4"]).any(1).mean() > 0.9
