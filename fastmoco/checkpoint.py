@@ -42,7 +42,7 @@ MARKER = "COMPLETE"
 # What a run writes into logging.out_dir; a fresh run refuses a directory holding any of them.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.json")
 # Config keys that change what a run means: a resume with other values is refused (see config_changes).
-RESUME_MUST_MATCH = ("model", "moco", "data.source", "data.image_size", "data.synthetic_size", "data.seed",
+RESUME_MUST_MATCH = ("method", "model", "moco", "dino", "data.source", "data.image_size", "data.synthetic_size", "data.seed",
                      "seed", "schedule.epochs", "schedule.warmup_epochs")
 # Not config keys, but as binding: meta["run"] of the checkpoint vs the current run.
 RUN_SHAPE = ("global_batch", "steps_per_epoch", "world_size", "zero_stage")

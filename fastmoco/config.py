@@ -29,6 +29,9 @@ class ModelConfig:
                                      # or an exported backbone (.safetensors)
     frozen_patch_embed: bool = True  # MoCo v3's stability trick: random patch projection, not trained
     grad_checkpointing: bool = False  # activation checkpointing of transformer blocks
+    patch_size: int = 0              # 0: the arch's (16; ViT-H 14); DINO also trains /8
+    num_heads: int = 0               # 0: the arch's (MoCo v3's ViT-S: 12; DINO's ViT-S: 6)
+    drop_path: float = 0.0           # stochastic depth of the online encoder / student (DINO: 0.1)
 
 
 @dataclass
@@ -38,6 +41,25 @@ class MoCoConfig:
     tau: float = 0.2                 # softmax temperature
     momentum: float = 0.99           # m0; cosine-increased to 1 when momentum_cosine
     momentum_cosine: bool = True
+
+
+@dataclass
+class DINOConfig:
+    """DINO (method "dino"): head, temperatures, center and teacher schedules, as main_dino.py."""
+    out_dim: int = 65536             # prototypes K
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True     # weight_g of the last layer fixed to 1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07       # after the warmup
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine-increased to 1
+    freeze_last_layer: int = 1       # epochs in which the last layer does not move
+    weight_decay_end: float = 0.4    # cosine from optim.weight_decay to this
+    min_lr: float = 1e-6             # the lr cosine ends here
+    global_crops: int = 2
 
 
 @dataclass
@@ -110,7 +132,7 @@ class EvalConfig:
     val_list: str = ""
     every_epochs: int = 0            # evaluate after every N epochs (0: only at the end)
     at_start: bool = False           # also before the first step: the backbone at initialisation
-    encoder: str = "online"          # online (MoCo v3's choice) | momentum
+    encoder: str = ""                # online | momentum; "": the method's (MoCo v3: online, DINO: teacher)
     k: list = field(default_factory=lambda: [20, 200])
     temperature: float = 0.07
     batch_size: int = 0              # per process; 0: the training micro batch
@@ -130,7 +152,9 @@ def _default_deepspeed() -> dict:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: str = "moco_v3"          # moco_v3 | dino (fastmoco/methods.py)
     moco: MoCoConfig = field(default_factory=MoCoConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -100,6 +100,8 @@ class Encoder(nn.Module):
 
 
 class DINO(nn.Module):
+    METHOD = "dino"                         # fastmoco/methods.py
+    MOMENTUM_MODULE = "teacher"             # what the EMA state covers (export reads it by this name)
     def __init__(self, arch: str = "vit_small", img_size: int = 224, *, patch_size: int = 16, num_heads: int = 6,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True, drop_path: float = 0.1, student_temp: float = 0.1,

@@ -23,6 +23,8 @@ from fastmoco.momentum import MomentumState
 
 
 class MoCo(nn.Module):
+    METHOD = "moco_v3"                      # fastmoco/methods.py
+    MOMENTUM_MODULE = "momentum_encoder"    # what the EMA state covers (export reads it by this name)
     def __init__(self, arch: str = "vit_small", img_size: int = 224, dim: int = 256, mlp_dim: int = 4096,
                  tau: float = 0.2, frozen_patch_embed: bool = True, grad_checkpointing: bool = False):
         super().__init__()
@@ -41,6 +43,15 @@ class MoCo(nn.Module):
         return cls(model_cfg.arch, img_size=model_cfg.img_size, dim=moco_cfg.dim, mlp_dim=moco_cfg.mlp_dim,
                    tau=moco_cfg.tau, frozen_patch_embed=model_cfg.frozen_patch_embed,
                    grad_checkpointing=model_cfg.grad_checkpointing)
+
+    # The Trainer's, evaluation's and export's names for the two backbones (fastmoco/methods.py).
+    @property
+    def online_backbone(self) -> VisionTransformer:
+        return self.base_encoder
+
+    @property
+    def momentum_backbone(self) -> VisionTransformer:
+        return self.momentum_encoder
 
     def build_momentum_state(self, optimizer=None, rank: int = 0) -> MomentumState:
         """(Re)build the EMA state over the parameters' current storage. A wrapper that casts the

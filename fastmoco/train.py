@@ -1,4 +1,4 @@
-"""MoCo v3 pretraining on DeepSpeed.
+"""Self-supervised pretraining on DeepSpeed: MoCo v3, or DINO (config key `method`, fastmoco/methods.py).
 
     deepspeed fastmoco/train.py --config configs/vit_h.json          # one or many GPUs / nodes
     torchrun --nproc_per_node 8 fastmoco/train.py --config configs/vit_b.json
@@ -33,10 +33,9 @@ from fastmoco import checkpoint
 from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
-from fastmoco.moco import MoCo
+from fastmoco.methods import get_method
 from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
-from fastmoco.schedules import build_schedules
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -137,29 +136,27 @@ class Trainer:
         self.knn_history: list[tuple[int, dict]] = []
         # Before the model: a resume that would change the run's meaning is refused now.
         resume_path = self._resume_path(resume, allow_change) if resume else None
-        self.sched = build_schedules(base_lr=cfg.optim.base_lr, global_batch=self.global_batch,
-                                     epochs=cfg.schedule.epochs, warmup_epochs=cfg.schedule.warmup_epochs,
-                                     steps_per_epoch=self.steps_per_epoch, m0=cfg.moco.momentum,
-                                     cosine_momentum=cfg.moco.momentum_cosine)
+        self.method = get_method(cfg)
+        self.sched = self.method.schedules(cfg, steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch)
         self.lrs = self.sched.lr.tolist()
         self.momenta = self.sched.momentum.tolist()
-        # m_t read on the device by the EMA: indexing with a Python int is a view, not a sync
-        self.momentum_dev = self.sched.momentum.to(self.device, torch.float32)
+        self.wds = self.sched.weight_decay.tolist() if self.sched.weight_decay is not None else None
+        self.step_kwargs = self.method.step_kwargs(self.sched, self.device)  # step -> the module's extra args
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        model = MoCo.from_config(cfg.model, cfg.moco)
+        model = self.method.build(cfg)
         if cfg.model.init_from:
             from fastmoco.evaluation.weights import init_from
             init_from(model, cfg.model.init_from)
         model = model.to(self.device)
-        params = [p for p in model.parameters() if p.requires_grad]
         o = cfg.optim
         if o.name != "adamw":
-            raise ConfigError(f"optim.name {o.name!r}: only 'adamw' (MoCo v3's ViT recipe) is supported")
-        optimizer = torch.optim.AdamW(params, lr=self.lrs[0], betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay, fused=self.use_cuda)
+            raise ConfigError(f"optim.name {o.name!r}: only 'adamw' (the ViT recipes of MoCo v3 and DINO) is "
+                              "supported")
+        optimizer = torch.optim.AdamW(self.method.param_groups(model, cfg), lr=self.lrs[0], betas=tuple(o.betas),
+                                      eps=o.eps, weight_decay=o.weight_decay, fused=self.use_cuda)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        self.model: MoCo = self.engine.module
+        self.model = self.engine.module
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
         # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.
         self.model.build_momentum_state(self.optimizer, self.rank)
@@ -218,11 +215,13 @@ class Trainer:
         return path
 
     # -- the loop ------------------------------------------------------------------------------------
-    def train_step(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        lr = self.lrs[self.step]
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss = self.engine(x1, x2, self.momentum_dev[self.step])  # EMA update, then both encoders
+    def train_step(self, *views: torch.Tensor) -> torch.Tensor:
+        lr, wd = self.lrs[self.step], self.wds[self.step] if self.wds is not None else None
+        for group in self.optimizer.param_groups:  # a handful of groups, host floats: no sync
+            group["lr"] = lr * self.method.lr_scale(group, self.epoch)
+            if wd is not None and group.get("apply_wd"):
+                group["weight_decay"] = wd
+        loss = self.engine(*views, **self.step_kwargs(self.step))  # EMA update, then both encoders
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -244,8 +243,8 @@ class Trainer:
             self.evaluate(log)
         try:
             while self.step < stop and self.epoch < c.schedule.epochs and not stopped:
-                for x1, x2, _ in self.loader:  # the rest of the loader's epoch
-                    log.record(self.train_step(x1, x2))
+                for *views, _ in self.loader:  # the rest of the loader's epoch
+                    log.record(self.train_step(*views))
                     self.step += 1
                     log.after_step(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
                     if self.preempt.stop_agreed(self.step):  # SIGTERM/SIGINT on some rank

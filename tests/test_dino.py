@@ -216,3 +216,76 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     grads = torch.cat([p.grad.reshape(-1) for p in model.student.parameters() if p.requires_grad])
     torch.testing.assert_close(two["center"], model.center, rtol=1e-5, atol=1e-7)   # all-reduced
     torch.testing.assert_close(two["grads"], grads, rtol=1e-4, atol=1e-7)
+
+
+# -- on the Trainer: train, checkpoint, resume, 2 ranks, evaluation ---------------------------------
+def _train(out_dir, *overrides, nproc=1):
+    import sys
+    from test_train import COMMON, ROOT, free_port, run
+    cmd = [str(ROOT / "fastmoco" / "train.py"), "--config", str(ROOT / "configs" / "dino_tiny.json"),
+           "--logging.out_dir", str(out_dir), *COMMON, *overrides]
+    if nproc > 1:
+        cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port(), *cmd]
+    return run([sys.executable, *cmd])
+
+
+def _losses(out_dir):
+    import json
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.mark.slow
+def test_dino_run_resumes_exactly(tmp_path):
+    """12 steps (over the epoch ends at 8, with the last layer frozen in epoch 0, drop path on) equal
+    6 steps, then a resume to 12."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _train(full, "--schedule.max_steps", "12")
+    _train(cut, "--schedule.max_steps", "6")
+    p = _train(cut, "--schedule.max_steps", "12", "--resume", "auto")
+    assert "resumed from" in p.stdout
+    a, b = _losses(full), _losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert a == b                                             # bit-identical, after the resume too
+    assert len(set(a.values())) == 12
+
+
+@pytest.mark.slow
+def test_dino_two_ranks_equal_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(one, "--schedule.max_steps", "4", "--model.drop_path", "0.0")
+    _train(two, "--schedule.max_steps", "4", "--model.drop_path", "0.0",
+           "--deepspeed.train_micro_batch_size_per_gpu", "4", nproc=2)
+    a, b = _losses(one), _losses(two)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in b:
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+
+
+@pytest.mark.slow
+def test_knn_and_export_of_a_dino_teacher(tmp_path):
+    """The evaluation commands on a DINO checkpoint: kNN of the teacher (the default), export of the
+    teacher's backbone that loads back with the DINO recipe (learned position embedding)."""
+    import json
+    import sys
+    from fastmoco.evaluation.weights import build_backbone, export, load_weights
+    from fastmoco.pipelines.demo_data import make_demo_data
+    from test_train import run
+    train = make_demo_data(tmp_path / "data" / "train", 18, seed=0)
+    val = make_demo_data(tmp_path / "data" / "val", 11, seed=5)
+    _train(tmp_path / "run", "--schedule.max_steps", "3", "--checkpoint.every_steps", "3")
+    run([sys.executable, "-m", "fastmoco.evaluation.cli", "knn", "--checkpoint", str(tmp_path / "run"), "--train",
+         str(train), "--val", str(val), "--backend", "torchvision", "--num-threads", "1", "--batch-size", "8",
+         "--k", "1", "3", "--json", str(tmp_path / "knn.json")])
+    r = json.loads((tmp_path / "knn.json").read_text())
+    assert r["encoder"] == "momentum" and r["val_samples"] == 11 and set(r["knn"]) == {"1", "3"}
+    sd, info = load_weights(tmp_path / "run")
+    assert info.method == "dino" and "teacher.head.last_layer.weight_v" in sd and "center" in sd
+    out, off = export(tmp_path / "run", tmp_path / "teacher.safetensors")
+    assert off is None                                        # no MoCo v3 layout for a DINO model
+    teacher = build_backbone(info, sd, "momentum")
+    again = build_backbone(*reversed(load_weights(out)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(teacher(x, head=False), again(x, head=False))
+        assert not torch.equal(teacher(x, head=False), build_backbone(info, sd, "online")(x, head=False))

@@ -24,6 +24,7 @@ import torch
 
 from fastmoco.config import DataConfig
 from fastmoco.distributed import get_rank, get_world_size
+from fastmoco.methods import METHODS
 
 
 def _setup_distributed() -> torch.device:
@@ -43,8 +44,8 @@ def _common(p: argparse.ArgumentParser, train_required: bool = True) -> None:
     p.add_argument("--val", required=train_required, help="labelled ImageFolder (val split)")
     p.add_argument("--train-list", default="", help="optional file list for --train")
     p.add_argument("--val-list", default="", help="optional file list for --val")
-    p.add_argument("--encoder", default="online", choices=("online", "momentum"),
-                   help="which encoder's backbone (MoCo v3 evaluates the online one)")
+    p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
+                   help="which encoder's backbone; default: the method's (MoCo v3: online, DINO: the teacher)")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's")
     p.add_argument("--backend", default="dali", choices=("dali", "torchvision"))
@@ -59,6 +60,7 @@ def _backbone_and_splits(args, device):
     train = LabelledSplit.scan("--train", args.train, args.train_list)
     val = LabelledSplit.scan("--val", args.val, args.val_list, reference=train)
     sd, info = load_weights(args.checkpoint)
+    args.encoder = args.encoder or METHODS[info.method].default_encoder
     backbone = build_backbone(info, sd, args.encoder).to(device)
     size = args.image_size or info.img_size
     data = DataConfig(backend=args.backend, num_threads=args.num_threads, image_size=size)
@@ -172,17 +174,20 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the backbone, .safetensors (timm names)")
     p.add_argument("--official", default=None, help="official-layout file (default <out>.moco_v3.pth.tar; "
                                                     "'' to skip)")
-    p.add_argument("--encoder", default="online", choices=("online", "momentum"))
+    p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
+                   help="default: the method's (MoCo v3: online, DINO: the teacher)")
     args = p.parse_args(argv)
     with _errors():
-        from fastmoco.evaluation.weights import VIT_SIZES, export, load_weights
+        from fastmoco.evaluation.weights import export, load_weights
 
         out, off = export(args.checkpoint, args.out, encoder=args.encoder, official=args.official)
         _, info = load_weights(out)
-        size = VIT_SIZES[info.arch]
+        args.encoder = args.encoder or METHODS[info.method].default_encoder
+        size = info.backbone().size
         print(f"backbone ({info.arch}, {args.encoder} encoder): {out}\n"
               f"  timm: timm.create_model('{size.timm_name}', num_classes=0, num_heads={size.num_heads}, "
-              f"img_size={info.img_size}, pretrained=True, pretrained_cfg_overlay=dict(file='{out}'))"
+              f"patch_size={size.patch_size}, img_size={info.img_size}, pretrained=True, "
+              f"pretrained_cfg_overlay=dict(file='{out}'))"
               + (f"\nofficial MoCo v3 layout: {off}" if off else ""), flush=True)
 
 

@@ -26,6 +26,7 @@ from fastmoco.config import ConfigError
 from fastmoco.evaluation.features import LabelledSplit, extract_features
 from fastmoco.evaluation.knn import knn_accuracy
 from fastmoco.evaluation.weights import ENCODERS
+from fastmoco.methods import get_method
 
 
 class _KeepRng:
@@ -66,8 +67,9 @@ class KnnMonitor:
             return None
         if not e.val_path:
             raise ConfigError("eval.train_path is set but eval.val_path is empty: the kNN needs both")
-        if e.encoder not in ENCODERS:
-            raise ConfigError(f"eval.encoder must be one of {', '.join(ENCODERS)}, got {e.encoder!r}")
+        if e.encoder not in ("", *ENCODERS):
+            raise ConfigError(f"eval.encoder must be one of {', '.join(ENCODERS)} (or '': the method's), "
+                              f"got {e.encoder!r}")
         if e.every_epochs < 0:
             raise ConfigError(f"eval.every_epochs must be >= 0, got {e.every_epochs}")
         if not e.k or any(not isinstance(k, int) or k < 1 for k in e.k):
@@ -86,7 +88,8 @@ class KnnMonitor:
         data_cfg = replace(cfg.data, backend=e.backend or cfg.data.backend)
         return cls(train, val, data_cfg=data_cfg, image_size=cfg.model.img_size,
                    batch_size=e.batch_size or micro_batch, device=device, dtype=dtype, ks=e.k,
-                   temperature=e.temperature, encoder=e.encoder, bf16=bf16, every_epochs=e.every_epochs,
+                   temperature=e.temperature, encoder=e.encoder or get_method(cfg).default_encoder, bf16=bf16,
+                   every_epochs=e.every_epochs,
                    at_start=e.at_start)
 
     def due(self, epoch: int) -> bool:
@@ -94,7 +97,8 @@ class KnnMonitor:
         return self.every_epochs > 0 and epoch > 0 and epoch % self.every_epochs == 0
 
     def backbone_of(self, model) -> torch.nn.Module:
-        return model.base_encoder if self.encoder == "online" else model.momentum_encoder
+        """The evaluated backbone: `online_backbone` / `momentum_backbone` of the method's module."""
+        return getattr(model, f"{self.encoder}_backbone")
 
     @torch.no_grad()
     def evaluate(self, model) -> tuple[dict[int, tuple[float, float]], float]:

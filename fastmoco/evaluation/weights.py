@@ -36,7 +36,11 @@ from fastmoco.models.vit import VIT_SIZES, VisionTransformer
 
 MARKER = "COMPLETE"                   # fastmoco.checkpoint's completeness marker
 OFFICIAL_PREFIX = "module."           # DistributedDataParallel's prefix in the official checkpoints
-ENCODERS = {"online": "base_encoder.", "momentum": "momentum_encoder."}
+# Where each method's module keeps the two backbones (MoCo v3: the encoders, whose `head.*` is the
+# projector; DINO: student and teacher, whose heads sit beside the backbone).
+PREFIXES = {"moco_v3": {"online": "base_encoder.", "momentum": "momentum_encoder."},
+            "dino": {"online": "student.backbone.", "momentum": "teacher.backbone."}}
+ENCODERS = tuple(PREFIXES["moco_v3"])
 HEAD_PREFIX = "head."                 # the MoCo projector inside each encoder
 
 
@@ -53,6 +57,14 @@ class WeightsInfo:
     step: int | None = None
     epoch: int = 0       # epochs completed (the official checkpoints' "epoch")
     config: dict | None = None
+    method: str = "moco_v3"
+    recipe: str = "moco"  # the ViT's (fastmoco.models.vit): position embedding and init
+    num_heads: int = 0    # 0: the arch's
+    patch_size: int = 0   # 0: the arch's
+
+    def backbone(self) -> VisionTransformer:
+        return VisionTransformer(self.arch, img_size=self.img_size, frozen_patch_embed=False, recipe=self.recipe,
+                                 num_heads=self.num_heads, patch_size=self.patch_size)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -94,35 +106,51 @@ def _load_fastmoco(ckpt: Path) -> tuple[dict, WeightsInfo]:
             raise WeightsError(f"{ckpt}: no DeepSpeed model states file (*mp_rank_00_model_states.pt)")
         states = torch.load(files[0], map_location="cpu", weights_only=True)
         sd = dict(states["module"])
-        sd.update(_bf16_masters(states.get("optimizer"), arch, img_size, cfg, files[0]))
+        sd.update(_bf16_masters(states.get("optimizer"), cfg, files[0]))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    momentum = _momentum_master(ckpt, arch, img_size, cfg)
+    momentum = _momentum_master(ckpt, cfg)
     if momentum is not None:
         sd.update(momentum)
     epoch = int(meta.get("data", {}).get("epoch", 0))
-    return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), epoch, cfg)
+    method = cfg.get("method", "moco_v3")
+    return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), epoch, cfg, method,
+                           "dino" if method == "dino" else "moco", model_cfg.get("num_heads", 0),
+                           model_cfg.get("patch_size", 0))
 
 
-def _bf16_masters(optimizer_state, arch: str, img_size: int, cfg: dict, path: Path) -> dict:
+def _meta_model(cfg: dict):
+    """(module, method) of a run's saved config, built on the meta device (names and shapes only)."""
+    from fastmoco.config import ConfigError, from_dict
+    from fastmoco.methods import get_method
+
+    try:
+        config = from_dict(cfg)
+    except ConfigError as e:
+        raise WeightsError(f"the checkpoint's saved config does not load: {e}") from None
+    method = get_method(config)
+    with torch.device("meta"):
+        return method.build(config), method
+
+
+def _bf16_masters(optimizer_state, cfg: dict, path: Path) -> dict:
     """ZeRO-0 under bf16: DeepSpeed's bf16 optimizer keeps the fp32 weights of the trainable parameters
-    in `fp32_groups`, in the order the optimizer got them (fastmoco passes the module's trainable
-    parameters in module order, one group). {} when there are none (an fp32 run)."""
+    in `fp32_groups`, in the order of the method's optimizer groups. {} when there are none (fp32)."""
     groups = (optimizer_state or {}).get("fp32_groups") if isinstance(optimizer_state, dict) else None
     if not groups:
         return {}
     tensors = [t for group in groups for t in group]
-    with torch.device("meta"):
-        model = _moco_from_config(arch, img_size, cfg)
-    trainable = [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+    model, method = _meta_model(cfg)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    trainable = [(name_of[id(p)], tuple(p.shape)) for g in method.param_groups(model, None) for p in g["params"]]
     if [tuple(t.shape) for t in tensors] != [shape for _, shape in trainable]:
         raise WeightsError(f"{path}: the optimizer's fp32 weights ({len(tensors)} tensors) do not line up with "
-                           f"{arch}'s {len(trainable)} trainable parameters")
+                           f"the model's {len(trainable)} trainable parameters")
     return {name: t for (name, _), t in zip(trainable, tensors)}
 
 
-def _momentum_master(ckpt: Path, arch: str, img_size: int, cfg: dict) -> dict | None:
-    """The momentum encoder's fp32 EMA state from fastmoco's per-rank files, as full tensors by name
-    (`fastmoco.momentum.assemble` puts every rank's pieces together; the state says its layout)."""
+def _momentum_master(ckpt: Path, cfg: dict) -> dict | None:
+    """The momentum encoder's (teacher's) fp32 EMA state from fastmoco's per-rank files, as full tensors
+    by name (`fastmoco.momentum.assemble` puts every rank's pieces together; the state says its layout)."""
     from fastmoco.momentum import assemble
 
     files = sorted(ckpt.glob("fastmoco_rank*.pt"))
@@ -130,30 +158,16 @@ def _momentum_master(ckpt: Path, arch: str, img_size: int, cfg: dict) -> dict | 
         return None
     states = [torch.load(f, map_location="cpu", weights_only=True)["momentum"] for f in files]
     full = assemble(states)
-    names, shapes = _momentum_param_shapes(arch, img_size, cfg)
+    model, _ = _meta_model(cfg)
+    named = [(f"{model.MOMENTUM_MODULE}.{n}", tuple(p.shape))
+             for n, p in getattr(model, model.MOMENTUM_MODULE).named_parameters()]
     out = {}
     for i, t in full.items():
-        if i >= len(names) or tuple(t.shape) != shapes[i]:
+        if i >= len(named) or tuple(t.shape) != named[i][1]:
             raise WeightsError(f"{ckpt}: the momentum state's tensor {i} of shape {tuple(t.shape)} does not fit "
-                               f"{arch}'s momentum encoder")
-        out[names[i]] = t
+                               f"the model's {model.MOMENTUM_MODULE}")
+        out[named[i][0]] = t
     return out
-
-
-def _momentum_param_shapes(arch: str, img_size: int, cfg: dict) -> tuple[list[str], list[tuple]]:
-    with torch.device("meta"):
-        model = _moco_from_config(arch, img_size, cfg)
-    named = list(model.momentum_encoder.named_parameters())
-    return [f"momentum_encoder.{n}" for n, _ in named], [tuple(p.shape) for _, p in named]
-
-
-def _moco_from_config(arch: str, img_size: int, cfg: dict | None):
-    from fastmoco.moco import MoCo
-
-    moco = (cfg or {}).get("moco", {})
-    frozen = (cfg or {}).get("model", {}).get("frozen_patch_embed", True)
-    return MoCo(arch, img_size=img_size, dim=moco.get("dim", 256), mlp_dim=moco.get("mlp_dim", 4096),
-                tau=moco.get("tau", 0.2), frozen_patch_embed=frozen)
 
 
 def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int]:
@@ -166,10 +180,10 @@ def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int]:
         raise WeightsError(f"{path}: no {e.args[0]!r}: not a ViT backbone state dict") from None
     depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
     for arch, size in VIT_SIZES.items():
-        if (size.embed_dim, size.depth, size.patch_size) == (width, depth, patch):
+        if (size.embed_dim, size.depth) == (width, depth):
             grid = round((tokens - 1) ** 0.5)
-            return arch, grid * patch
-    raise WeightsError(f"{path}: a ViT of width {width}, depth {depth}, patch {patch} matches no known arch "
+            return arch, grid * patch, patch
+    raise WeightsError(f"{path}: a ViT of width {width}, depth {depth} matches no known arch "
                        f"({', '.join(VIT_SIZES)})")
 
 
@@ -187,10 +201,11 @@ def load_official(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
     arch_key = ckpt.get("arch")
     if isinstance(arch_key, str) and arch_key.startswith("vit_conv"):
         raise WeightsError(f"{path}: arch {arch_key!r} (conv stem) is not supported yet")
-    arch, img_size = _arch_from_backbone(sd, ENCODERS["online"], path)
+    arch, img_size, patch = _arch_from_backbone(sd, PREFIXES["moco_v3"]["online"], path)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     epoch = ckpt.get("epoch", 0)
-    return sd, WeightsInfo(arch, img_size, "official", str(path), None, epoch if isinstance(epoch, int) else 0)
+    return sd, WeightsInfo(arch, img_size, "official", str(path), None, epoch if isinstance(epoch, int) else 0,
+                           patch_size=patch)
 
 
 def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
@@ -200,8 +215,12 @@ def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInf
     with safe_open(str(path), framework="pt") as f:
         sd = {k: f.get_tensor(k).float() if f.get_tensor(k).is_floating_point() else f.get_tensor(k)
               for k in f.keys()}
-    arch, img_size = _arch_from_backbone(sd, "", path)
-    return {ENCODERS["online"] + k: v for k, v in sd.items()}, WeightsInfo(arch, img_size, "safetensors", str(path))
+        meta = f.metadata() or {}
+    arch, img_size, patch = _arch_from_backbone(sd, "", path)
+    method = meta.get("method", "moco_v3")
+    info = WeightsInfo(arch, img_size, "safetensors", str(path), method=method, recipe=meta.get("recipe", "moco"),
+                       num_heads=int(meta.get("num_heads", 0) or 0), patch_size=patch)
+    return {PREFIXES[method]["online"] + k: v for k, v in sd.items()}, info
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
@@ -216,11 +235,11 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
     return load_official(p)
 
 
-def backbone_state(sd: dict, encoder: str = "online", path: str = "") -> dict:
-    """The encoder's backbone (timm names, no MoCo head) out of a MoCo state dict."""
+def backbone_state(sd: dict, encoder: str = "online", path: str = "", method: str = "moco_v3") -> dict:
+    """The encoder's backbone (timm names, no head) out of a method's state dict."""
     if encoder not in ENCODERS:
         raise WeightsError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
-    prefix = ENCODERS[encoder]
+    prefix = PREFIXES[method][encoder]
     out = {k[len(prefix):]: v for k, v in sd.items()
            if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD_PREFIX)}
     if not out:
@@ -244,8 +263,8 @@ def load_into(module: torch.nn.Module, sd: dict, path: str, *, strict: bool = Tr
 
 def build_backbone(info: WeightsInfo, sd: dict, encoder: str = "online") -> VisionTransformer:
     """An fp32 fastmoco ViT backbone holding the chosen encoder's weights."""
-    model = VisionTransformer(info.arch, img_size=info.img_size, frozen_patch_embed=False)
-    load_into(model, backbone_state(sd, encoder, info.path), info.path)
+    model = info.backbone()
+    load_into(model, backbone_state(sd, encoder, info.path, info.method), info.path)
     return model.eval()
 
 
@@ -254,9 +273,9 @@ def init_from(model: torch.nn.Module, path: str | os.PathLike) -> WeightsInfo:
     a backbone-only source (safetensors) initialises both encoders' backbones."""
     sd, info = load_weights(path)
     if info.source == "safetensors":
-        backbone = backbone_state(sd, "online", info.path)
-        sd = {**{ENCODERS["online"] + k: v for k, v in backbone.items()},
-              **{ENCODERS["momentum"] + k: v for k, v in backbone.items()}}
+        backbone = backbone_state(sd, "online", info.path, info.method)
+        prefixes = PREFIXES[model.METHOD]
+        sd = {prefixes[enc] + k: v for enc in ENCODERS for k, v in backbone.items()}
         load_into(model, sd, info.path, strict=False)
     else:
         load_into(model, sd, info.path)
@@ -270,22 +289,31 @@ def official_path_for(out: str | os.PathLike) -> Path:
                          ".moco_v3.pth.tar")
 
 
-def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "online",
+def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "",
            official: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
-    """Write the backbone as safetensors (timm names) to `out`, and the whole model in the official
-    MoCo v3 layout to `official` (default: <out stem>.moco_v3.pth.tar; "" to skip). Atomic."""
+    """Write the chosen encoder's backbone ("": the method's default: MoCo v3 online, DINO teacher) as
+    safetensors (timm names) to `out`, and a MoCo v3 model in the official layout to `official`
+    (default: <out stem>.moco_v3.pth.tar; "" to skip). Atomic."""
+    from fastmoco.methods import METHODS
+
     sd, info = load_weights(path)
-    backbone = {k: v.contiguous() for k, v in backbone_state(sd, encoder, info.path).items()}
-    size = VIT_SIZES[info.arch]
+    encoder = encoder or METHODS[info.method].default_encoder
+    backbone = {k: v.contiguous() for k, v in backbone_state(sd, encoder, info.path, info.method).items()}
+    size = info.backbone().size
     meta = {"format": "pt", "arch": info.arch, "timm_name": size.timm_name, "num_heads": str(size.num_heads),
-            "img_size": str(info.img_size), "encoder": encoder, "source": info.path,
+            "patch_size": str(size.patch_size), "img_size": str(info.img_size), "encoder": encoder,
+            "method": info.method, "recipe": info.recipe, "source": info.path,
             "step": str(info.step if info.step is not None else "")}
     from safetensors.torch import save_file
 
     out = Path(out)
-    off = official_path_for(out) if official is None else (Path(official) if official else None)
-    if off is not None and info.source == "safetensors":
-        raise WeightsError(f"{path}: a backbone-only file has no MoCo heads for the official layout; "
+    if official is None:  # by default only what the official layout can hold
+        off = official_path_for(out) if info.method == "moco_v3" and info.source != "safetensors" else None
+    else:
+        off = Path(official) if official else None
+    if off is not None and (info.source == "safetensors" or info.method != "moco_v3"):
+        raise WeightsError(f"{path}: the official MoCo v3 layout needs a MoCo v3 model with its heads "
+                           f"(this is a {info.method} {'backbone' if info.source == 'safetensors' else 'model'}); "
                            "pass official='' to skip it")
     staged = []   # (tmp, final): both files complete before either is renamed into place
     try:
