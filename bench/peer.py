@@ -78,3 +78,110 @@ class PeerMoCo(nn.Module):
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+
+
+# -- DINO, as its official code builds it (facebookresearch/dino main_dino.py, vision_transformer.py,
+#    utils.py): the bench's DINO peer rows (bench/dino.py) ------------------------------------------------
+
+class PeerDINOHead(nn.Module):
+    """vision_transformer.DINOHead: MLP with GELU, L2 normalisation, weight-normalised last layer."""
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        self.last_layer.weight_g.data.fill_(1)
+        if norm_last_layer:
+            self.last_layer.weight_g.requires_grad = False
+
+    def forward(self, x):
+        return self.last_layer(nn.functional.normalize(self.mlp(x), dim=-1, p=2))
+
+
+class PeerMultiCropWrapper(nn.Module):
+    """utils.MultiCropWrapper: consecutive crops of one resolution through the backbone together."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: list):
+        sizes = torch.tensor([inp.shape[-1] for inp in x])
+        idx_crops = torch.cumsum(torch.unique_consecutive(sizes, return_counts=True)[1], 0)
+        start, output = 0, []
+        for end in idx_crops.tolist():
+            output.append(self.backbone(torch.cat(x[start:end])))
+            start = end
+        return self.head(torch.cat(output))
+
+
+def peer_dino_loss(student_output, teacher_output, center, teacher_temp: float, ncrops: int,
+                   student_temp: float = 0.1):
+    """main_dino.DINOLoss.forward: every (teacher global i, student crop v != i) pair, unfused."""
+    student_out = (student_output / student_temp).chunk(ncrops)
+    teacher_out = nn.functional.softmax((teacher_output - center) / teacher_temp, dim=-1).detach().chunk(2)
+    total, n = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * nn.functional.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+class PeerDINO(nn.Module):
+    """main_dino.train_dino's model on one GPU: timm ViTs (DINO's ViT, position embedding interpolated
+    per resolution), student with drop path, teacher as a copy, the center as a buffer."""
+
+    def __init__(self, arch: str, img_size: int, patch_size: int, num_heads: int, out_dim: int,
+                 drop_path: float = 0.1):
+        super().__init__()
+        import timm
+
+        from fastmoco.models.vit import VIT_SIZES
+
+        size = VIT_SIZES[arch]
+
+        def vit(rate):
+            return timm.create_model(size.timm_name, pretrained=False, num_classes=0, img_size=img_size,
+                                     patch_size=patch_size, embed_dim=size.embed_dim, depth=size.depth,
+                                     num_heads=num_heads, drop_path_rate=rate, dynamic_img_size=True)
+
+        self.student = PeerMultiCropWrapper(vit(drop_path), PeerDINOHead(size.embed_dim, out_dim))
+        self.teacher = PeerMultiCropWrapper(vit(0.0), PeerDINOHead(size.embed_dim, out_dim))
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad = False
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, crops: list, teacher_temp: float):
+        teacher_output = self.teacher(crops[:2])
+        student_output = self.student(crops)
+        loss = peer_dino_loss(student_output, teacher_output, self.center, teacher_temp, len(crops))
+        with torch.no_grad():  # DINOLoss.update_center (one process: no all-reduce)
+            batch_center = teacher_output.sum(0, keepdim=True) / len(teacher_output)
+            self.center.mul_(0.9).add_(batch_center * 0.1)
+        return loss
+
+    @torch.no_grad()
+    def update_teacher(self, m: float) -> None:
+        """main_dino's EMA: a Python loop over the parameters."""
+        for param_q, param_k in zip(self.student.parameters(), self.teacher.parameters()):
+            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+
+
+def peer_clip_gradients(model: nn.Module, clip: float) -> None:
+    """utils.clip_gradients: each parameter's gradient clipped to norm `clip` on its own."""
+    for p in model.parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)

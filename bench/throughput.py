@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from bench import reference  # noqa: E402
 from bench.timing import REPO, run_metadata  # noqa: E402
 
-SECTIONS = ("model", "kernels", "data", "e2e", "breakdown")
+SECTIONS = ("model", "kernels", "data", "e2e", "breakdown", "eval", "dino")
 ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 FULL_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_huge")
 QUICK_ARCHS = ("vit_small", "vit_base")
@@ -205,6 +205,10 @@ SECTION_TITLES = {
     "data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
     "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)",
     "breakdown": "step breakdown: the Trainer's step by phase (bench/breakdown.py), device batches and DALI",
+    "eval": "evaluation: feature extraction img/s (forward only, and through DALI) and the kNN time "
+            "(bench/evaluation.py)",
+    "dino": "DINO: the Trainer's step vs the official build (2x224 + 10x96 crops), fused vs unfused loss "
+            "(bench/dino.py)",
 }
 
 
@@ -532,7 +536,7 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_budget)
     data_dir, why = (None, None)
     model = None
-    if {"data", "e2e", "breakdown"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
+    if {"data", "e2e", "breakdown", "eval"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
         data_dir, why = _data_dir(args, smoke)
     for section in args.only:
         ts = time.perf_counter()
@@ -552,6 +556,16 @@ def main(argv=None) -> int:
             run_e2e(args, sink, device, smoke, data_dir, why, deadline)
         elif section == "breakdown":
             run_breakdown(args, sink, device, smoke, data_dir)
+        elif section == "eval":
+            from bench.evaluation import bench_evaluation
+
+            for rec in bench_evaluation(device, data_dir=data_dir, smoke=smoke):
+                sink.emit(rec)
+        elif section == "dino":
+            from bench.dino import bench_dino
+
+            for rec in bench_dino(device, batch=args.batch if args.only == ["dino"] else 0, smoke=smoke):
+                sink.emit(rec)
         print(f"[{section}] done in {time.perf_counter() - ts:.0f} s", flush=True)
     if model is not None:  # the torch.compile peer last, with the time that is left
         ts = time.perf_counter()
