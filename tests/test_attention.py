@@ -42,6 +42,9 @@ GPU_SHAPES = [
     (256, 197, 12, 64),  # the ViT-B bench shape
     (64, 257, 16, 80),  # the ViT-H bench shape
     (1024, 50, 6, 64),  # large batch: B*H programs on grid axis 0
+    (640, 37, 6, 64),  # DINO ViT-S/16 local crops (96 px), 10 per image
+    (320, 145, 6, 64),  # DINO ViT-S/8 local crops
+    (16, 785, 6, 64),  # DINO ViT-S/8 global crops (224 px)
 ]
 CASES = (
     [pytest.param(shape, torch.float32, FP32_ATOL, id=f"{shape}-fp32") for shape in CPU_SHAPES]
