@@ -190,9 +190,12 @@ def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, 
     return out
 
 
+TITLES = {"breakdown": "step breakdown: the Trainer's step by phase (bench/breakdown.py), device batches and DALI"}
+
+
 def table(recs: list[dict], markdown: bool = False) -> str:
     """Phases side by side for each source, then the data stall and the top kernels."""
-    from bench.throughput import render
+    from bench.report import render
 
     ok = [r for r in recs if r["status"] == "ok"]
     lines = []

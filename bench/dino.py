@@ -155,3 +155,15 @@ def bench_dino(device, *, batch: int = 0, smoke: bool = False) -> list[dict]:
     if "trainer" in ok and "peer" in ok:
         ok["trainer"]["metrics"]["over_peer"] = ok["trainer"]["figures"]["img_per_s"] / ok["peer"]["figures"]["img_per_s"]
     return recs
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+TITLES = {"dino": "DINO: the Trainer's step vs the official build (2x224 + 10x96 crops), fused vs unfused loss "
+                  "(bench/dino.py)"}
+
+
+def table(recs: list[dict], markdown: bool) -> str:
+    from bench.report import simple_table
+
+    return simple_table(recs, markdown, "entry")

@@ -125,23 +125,6 @@ def bench_evaluation(device, *, arch: str = "vit_base", batch: int = 0, data_dir
     return out
 
 
-def format_table(records: list[dict]) -> str:
-    lines = [f"{'entry':<10} {'build':<22} {'shape':<22} result"]
-    for r in records:
-        if r["status"] != "ok":
-            res = f"{r['status']}: {r.get('reason', '')}"
-        elif r["name"] == "knn":
-            m = r["metrics"]
-            res = f"{m['seconds']:.2f} s ({m['queries_per_s']:.0f} queries/s" + \
-                (f", +{m['extra_peak_gib']:.2f} GiB peak)" if "extra_peak_gib" in m else ")")
-        else:
-            m = r["metrics"]
-            res = f"{m['img_per_s']:.0f} img/s" + \
-                (f" ({100 * m['fraction_of_forward']:.0f}% of forward-only)" if "fraction_of_forward" in m else "")
-        lines.append(f"{r['name']:<10} {r['build']:<22} {r.get('shape', ''):<22} {res}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="vit_b")
@@ -156,7 +139,7 @@ def main(argv=None) -> None:
     recs = bench_evaluation(device, arch=ARCH_ALIASES.get(args.arch, args.arch), batch=args.batch,
                             data_dir=Path(args.data) if args.data else None, threads=args.threads, smoke=smoke)
     meta = run_metadata(device, smoke)
-    print(("SMOKE (CPU): not a measurement\n" if smoke else "") + format_table(recs))
+    print(("SMOKE (CPU): not a measurement\n" if smoke else "") + table(recs, markdown=False))
     if args.out:
         with open(args.out, "a") as f:
             for r in recs:
@@ -165,3 +148,15 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+TITLES = {"eval": "evaluation: feature extraction img/s (forward only, and through DALI) and the kNN time "
+                  "(bench/evaluation.py)"}
+
+
+def table(recs: list[dict], markdown: bool) -> str:
+    from bench.report import simple_table
+
+    return simple_table(recs, markdown, "entry")

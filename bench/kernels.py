@@ -331,3 +331,51 @@ def bench_kernels(ops: list[str], device: torch.device, smoke: bool, quick: bool
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+TITLES = {"kernels": "kernels: fused op vs its reference (<op>_ref), training dtype, median of repeats"}
+
+
+def table(recs: list[dict], markdown: bool) -> str:
+    from bench.report import fmt, render
+
+    headers = ["op", "pass", "shape", "kernel ms", "ref ms", "speedup", "kernel thru", "other"]
+    rows = []
+    for r in recs:
+        if r["status"] != "ok":
+            rows.append([r["name"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
+            continue
+        m = r["metrics"]
+        thru = "-"
+        for unit, label in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
+            if f"kernel_{unit}" in m:
+                thru = f"{m[f'kernel_{unit}']:.4g} {label}"
+        other = []
+        if m.get("sdpa_flash_ms"):
+            other.append(f"sdpa flash {m['sdpa_flash_ms']:.3f} ms = {m['sdpa_flash_tflops']:.0f} TFLOP/s "
+                         f"(kernel {m['speedup_vs_sdpa_flash']:.2f}x); timm-style sdpa from qkv "
+                         f"{m['sdpa_qkv_ms']:.3f} ms ({m['speedup_vs_sdpa_qkv']:.2f}x)")
+        if m.get("do_bench_kernel_ms"):
+            other.append(f"do_bench: kernel {m['do_bench_kernel_ms']:.3f} ms, sdpa from qkv "
+                         f"{m['do_bench_sdpa_qkv_ms']:.3f} ms, sdpa flash {m['do_bench_sdpa_flash_ms']:.3f} ms"
+                         + (f"; auto runs {m['auto_chose']}" if m.get("auto_chose") else ""))
+        for d in ("fwd", "bwd"):  # autotuned attention: its choice, best padded vs split head dim
+            if m.get(f"{d}_best_split_ms") is not None:
+                other.append(f"{d} autotune: best padded {fmt(m.get(f'{d}_best_padded_ms'), '.3f')} ms, "
+                             f"best split {m[f'{d}_best_split_ms']:.3f} ms, chose {m[f'{d}_config']}")
+        if m.get("default_config_ms"):  # tuned layernorm: its choice vs the fixed default
+            chose = ", ".join(f"{d} {m[f'{d}_config']}" for d in ("fwd", "bwd") if m.get(f"{d}_config"))
+            other.append(f"default config {m['default_config_ms']:.3f} ms (tuned "
+                         f"{m['speedup_vs_default_config']:.2f}x; {chose})")
+        if m.get("loop_ms"):
+            other.append(f"ref = torch._foreach_lerp_; fp32-online kernel {m['kernel_fp32_online_ms']:.3f} ms; "
+                         f"flat lerp {m['flat_lerp_ms']:.3f} ms; per-param loop {m['loop_ms']:.3f} ms")
+        if m.get("kernel_frac_of_copy"):
+            other.append(f"{100 * m['kernel_frac_of_copy']:.0f}% of copy bandwidth ({m['copy_gbps']:.0f} GB/s)")
+        if m.get("kernel_peak_mib") is not None:
+            other.append(f"extra memory: kernel {m['kernel_peak_mib']:.0f} MiB, ref {m['ref_peak_mib']:.0f} MiB")
+        rows.append([r["name"], r.get("build", "-"), r.get("shape", "-"), fmt(m.get("kernel_ms"), ".3f"),
+                     fmt(m.get("ref_ms"), ".3f"), fmt(m.get("speedup"), ".2f") + "x", thru, "; ".join(other)])
+    return render(headers, rows, markdown)

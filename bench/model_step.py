@@ -364,3 +364,35 @@ def max_batch(arch: str, *, img: int, dim: int, mlp_dim: int, device: torch.devi
                "probes": [f"{b}: {what}" for b, what in probes]}
     return {**rec, "status": "ok", "batch": ok, "metrics": metrics, "figures": {},
             "notes": f"largest batch that ran ({why}); one timed step; probes " + ", ".join(metrics["probes"])}
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+TITLES = {"model": "model step, one GPU (trainer: train.py's Trainer step on device batches, DeepSpeed as the "
+                    "arch's config; e2e: the same fed by DALI on JPEGs; peer: the official MoCo v3 build, fp16 "
+                    "autocast + GradScaler)"}
+
+
+def table(recs: list[dict], markdown: bool) -> str:
+    from bench.report import fmt, render
+
+    headers = ["arch", "build", "batch", "img/s", "step ms", "TFLOP/s", "MFU", "peak GiB", "spread", "notes"]
+    rows = []
+    for r in recs:
+        if r.get("build") == "ratio":
+            continue
+        if r["status"] != "ok":
+            rows.append([r["name"], r["build"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
+            continue
+        m = r["metrics"]
+        mfu = f"{m['mfu']:.1%}" if m.get("mfu") else "-"
+        spread = f"{m['spread']:.1%}" if m.get("spread") is not None else "-"
+        rows.append([r["name"], r["build"], str(r.get("batch", "-")), fmt(m.get("img_per_s")), fmt(m.get("step_ms")),
+                     fmt(m.get("tflops")), mfu, fmt(m.get("peak_gib")), spread, r.get("notes", "")])
+    out = [render(headers, rows, markdown)]
+    for r in recs:
+        if r.get("build") == "ratio":
+            parts = [f"{k.replace('_over_', ' / ')} = {v:.2f}x" for k, v in r["metrics"].items() if v]
+            if parts:
+                out.append(("\n" if markdown else "") + f"headline {r['name']}: " + "; ".join(parts))
+    return "\n".join(out)

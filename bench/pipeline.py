@@ -266,3 +266,15 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+TITLES = {"data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
+          "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)"}
+
+
+def table(recs: list[dict], markdown: bool) -> str:
+    from bench.report import simple_table
+
+    return simple_table(recs, markdown, "backend" if recs[0]["section"] == "data" else "config")

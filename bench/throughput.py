@@ -35,15 +35,15 @@ if __package__ in (None, ""):  # run as a script: import the bench as the packag
 
 import torch  # noqa: E402
 
-from bench import reference  # noqa: E402
+from bench import reference, report  # noqa: E402
+from bench.report import SMOKE_LABEL, header, print_report  # noqa: E402
 from bench.timing import REPO, run_metadata  # noqa: E402
 
-SECTIONS = ("model", "kernels", "data", "e2e", "breakdown", "eval", "dino")
+SECTIONS = tuple(report.ENTRIES)
 ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 FULL_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_huge")
 QUICK_ARCHS = ("vit_small", "vit_base")
 COMPILE_PRIORITY = ("vit_base", "vit_small", "vit_large", "vit_huge")  # the headline arch compiles first
-SMOKE_LABEL = "SMOKE (CPU): not a measurement"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,163 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- output --------------------------------------------------------------------------------------------
-
-def _fmt(v, spec: str = ".1f") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
-
-
-def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 or i == len(cells) - 1 else c.rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _unavailable_rows(recs, ncols):
-    return [[r["name"], r.get("build", "-"), f"{r['status']}: {r.get('reason', '')}"] + [""] * (ncols - 3)
-            for r in recs if r["status"] != "ok"]
-
-
-def model_table(recs: list[dict], markdown: bool) -> str:
-    headers = ["arch", "build", "batch", "img/s", "step ms", "TFLOP/s", "MFU", "peak GiB", "spread", "notes"]
-    rows = []
-    for r in recs:
-        if r.get("build") == "ratio":
-            continue
-        if r["status"] != "ok":
-            rows.append([r["name"], r["build"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
-            continue
-        m = r["metrics"]
-        mfu = f"{m['mfu']:.1%}" if m.get("mfu") else "-"
-        spread = f"{m['spread']:.1%}" if m.get("spread") is not None else "-"
-        rows.append([r["name"], r["build"], str(r.get("batch", "-")), _fmt(m.get("img_per_s")), _fmt(m.get("step_ms")),
-                     _fmt(m.get("tflops")), mfu, _fmt(m.get("peak_gib")), spread, r.get("notes", "")])
-    out = [render(headers, rows, markdown)]
-    for r in recs:
-        if r.get("build") == "ratio":
-            parts = [f"{k.replace('_over_', ' / ')} = {v:.2f}x" for k, v in r["metrics"].items() if v]
-            if parts:
-                out.append(("\n" if markdown else "") + f"headline {r['name']}: " + "; ".join(parts))
-    return "\n".join(out)
-
-
-def kernels_table(recs: list[dict], markdown: bool) -> str:
-    headers = ["op", "pass", "shape", "kernel ms", "ref ms", "speedup", "kernel thru", "other"]
-    rows = []
-    for r in recs:
-        if r["status"] != "ok":
-            rows.append([r["name"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r.get('reason')}"])
-            continue
-        m = r["metrics"]
-        thru = "-"
-        for unit, label in (("tflops", "TFLOP/s"), ("gbps", "GB/s")):
-            if f"kernel_{unit}" in m:
-                thru = f"{m[f'kernel_{unit}']:.4g} {label}"
-        other = []
-        if m.get("sdpa_flash_ms"):
-            other.append(f"sdpa flash {m['sdpa_flash_ms']:.3f} ms = {m['sdpa_flash_tflops']:.0f} TFLOP/s "
-                         f"(kernel {m['speedup_vs_sdpa_flash']:.2f}x); timm-style sdpa from qkv "
-                         f"{m['sdpa_qkv_ms']:.3f} ms ({m['speedup_vs_sdpa_qkv']:.2f}x)")
-        if m.get("do_bench_kernel_ms"):
-            other.append(f"do_bench: kernel {m['do_bench_kernel_ms']:.3f} ms, sdpa from qkv "
-                         f"{m['do_bench_sdpa_qkv_ms']:.3f} ms, sdpa flash {m['do_bench_sdpa_flash_ms']:.3f} ms"
-                         + (f"; auto runs {m['auto_chose']}" if m.get("auto_chose") else ""))
-        for d in ("fwd", "bwd"):  # autotuned attention: its choice, best padded vs split head dim
-            if m.get(f"{d}_best_split_ms") is not None:
-                other.append(f"{d} autotune: best padded {_fmt(m.get(f'{d}_best_padded_ms'), '.3f')} ms, "
-                             f"best split {m[f'{d}_best_split_ms']:.3f} ms, chose {m[f'{d}_config']}")
-        if m.get("default_config_ms"):  # tuned layernorm: its choice vs the fixed default
-            chose = ", ".join(f"{d} {m[f'{d}_config']}" for d in ("fwd", "bwd") if m.get(f"{d}_config"))
-            other.append(f"default config {m['default_config_ms']:.3f} ms (tuned "
-                         f"{m['speedup_vs_default_config']:.2f}x; {chose})")
-        if m.get("loop_ms"):
-            other.append(f"ref = torch._foreach_lerp_; fp32-online kernel {m['kernel_fp32_online_ms']:.3f} ms; "
-                         f"flat lerp {m['flat_lerp_ms']:.3f} ms; per-param loop {m['loop_ms']:.3f} ms")
-        if m.get("kernel_frac_of_copy"):
-            other.append(f"{100 * m['kernel_frac_of_copy']:.0f}% of copy bandwidth ({m['copy_gbps']:.0f} GB/s)")
-        if m.get("kernel_peak_mib") is not None:
-            other.append(f"extra memory: kernel {m['kernel_peak_mib']:.0f} MiB, ref {m['ref_peak_mib']:.0f} MiB")
-        rows.append([r["name"], r.get("build", "-"), r.get("shape", "-"), _fmt(m.get("kernel_ms"), ".3f"),
-                     _fmt(m.get("ref_ms"), ".3f"), _fmt(m.get("speedup"), ".2f") + "x", thru, "; ".join(other)])
-    return render(headers, rows, markdown)
-
-
-def simple_table(recs: list[dict], markdown: bool, first: str) -> str:
-    headers = [first, "device", "batch", "img/s", "details"]
-    rows = []
-    for r in recs:
-        if r["status"] != "ok":
-            rows.append([r["name"], r.get("build", "-"), "-", "-", f"{r['status']}: {r.get('reason')}"])
-            continue
-        m = r["metrics"]
-        details = {k: v for k, v in m.items() if k != "img_per_s" and v is not None}
-        text = ", ".join(f"{k} {_fmt(v, '.3g') if isinstance(v, float) else v}" for k, v in details.items()
-                         if not isinstance(v, list))
-        rows.append([r["name"], r.get("build", "-"), str(r.get("batch", "-")), _fmt(m.get("img_per_s")), text])
-    return render(headers, rows, markdown)
-
-
-SECTION_TITLES = {
-    "model": "model step, one GPU (trainer: train.py's Trainer step on device batches, DeepSpeed as the arch's "
-             "config; e2e: the same fed by DALI on JPEGs; peer: the official MoCo v3 build, fp16 autocast + "
-             "GradScaler)",
-    "kernels": "kernels: fused op vs its reference (<op>_ref), training dtype, median of repeats",
-    "data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
-    "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)",
-    "breakdown": "step breakdown: the Trainer's step by phase (bench/breakdown.py), device batches and DALI",
-    "eval": "evaluation: feature extraction img/s (forward only, and through DALI) and the kNN time "
-            "(bench/evaluation.py)",
-    "dino": "DINO: the Trainer's step vs the official build (2x224 + 10x96 crops), fused vs unfused loss "
-            "(bench/dino.py)",
-}
-
-
-def print_report(records: list[dict], meta: dict, markdown: bool) -> None:
-    smoke = meta.get("smoke")
-    if markdown:
-        print(f"### {meta['date'][:10]} {meta['device']['name']}, commit {meta['commit']}\n")
-        if smoke:
-            print(f"**{SMOKE_LABEL}**\n")
-        print(f"`{meta['command']}`; versions: "
-              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "\n")
-    for section in SECTIONS:
-        recs = [r for r in records if r["section"] == section]
-        if not recs:
-            continue
-        title = SECTION_TITLES[section] + (f"  [{SMOKE_LABEL}]" if smoke else "")
-        print(f"\n{'#### ' if markdown else '== '}{title}\n")
-        if section == "model":
-            print(model_table(recs, markdown))
-        elif section == "breakdown":
-            from bench import breakdown
-
-            print(breakdown.table(recs, markdown))
-        elif section == "kernels":
-            print(kernels_table(recs, markdown))
-        else:
-            print(simple_table(recs, markdown, "backend" if section == "data" else "config"))
-    print()
-
-
-def header(meta: dict) -> str:
-    lines = [f"fastmoco bench  {meta['date']}  commit {meta['commit']}",
-             f"device: {meta['device']['name']}" + (f", {meta['device'].get('memory_gib')} GiB"
-                                                    if meta['device'].get('memory_gib') else ""),
-             "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-             f"command: {meta['command']}"]
-    if meta.get("smoke"):
-        lines.insert(0, f"*** {SMOKE_LABEL}: tiny shapes that keep the code working; no figure below is a "
-                        "measurement ***")
-    return "\n".join(lines)
-
 
 class Sink:
     """Appends each record (with the run's metadata) to the run's JSON lines as it is made, so a run

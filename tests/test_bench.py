@@ -182,7 +182,7 @@ def test_smoke_run_has_every_section(tmp_path):
 def test_kernels_table_shows_tuning_choices():
     """GPU-only details (the tuner's choice, split vs padded head dim) reach the table."""
     from bench.kernels import _autotune_summary, _entry
-    from bench.throughput import kernels_table
+    from bench.kernels import table as kernels_table
 
     class FakeAutotuner:  # what triton.autotune keeps after tuning: {config: [median, p20, p80]}
         configs_timings = {triton.Config({"BLOCK_M": 64, "TAIL_D": 0}, num_warps=4): [0.30, 0.29, 0.31],
