@@ -93,11 +93,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = "adamw"              # adamw | lars (fastmoco/optim.py)
     base_lr: float = 1.5e-4          # lr = base_lr * global_batch / 256
     weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    betas: list = field(default_factory=lambda: [0.9, 0.999])   # AdamW
+    eps: float = 1e-8                # AdamW
+    momentum: float = 0.9            # LARS: SGD momentum of its fp32 buffer
+    trust_coefficient: float = 0.001  # LARS: q = trust * ||w|| / ||update||
 
 
 @dataclass
@@ -311,6 +313,8 @@ def validate(cfg: Config) -> None:
     _require(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                        for b in o.betas), "optim.betas", o.betas, "two numbers in [0, 1)")
     _require(o.eps > 0, "optim.eps", o.eps, "> 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
+    _require(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "> 0")
     _require(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
     _require(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
              f"in [0, schedule.epochs = {s.epochs}]")

@@ -16,7 +16,7 @@ wherever the kernels' own modules can be imported.
 
 Environment overrides, read once at import: FASTMOCO_FUSED=0 turns every op
 off; FASTMOCO_FUSED_<OP>=0|1|auto sets one (OP: ATTENTION, LAYERNORM,
-CONTRASTIVE, EMA, DINO_LOSS). In code: `set_fused(attention="off")` or the context
+CONTRASTIVE, EMA, DINO_LOSS, LARS). In code: `set_fused(attention="off")` or the context
 manager `fused(attention="on", layernorm="on")`.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 
 import torch
 
-OPS = ("attention", "layernorm", "contrastive", "ema", "dino_loss")
+OPS = ("attention", "layernorm", "contrastive", "ema", "dino_loss", "lars")
 _MODES = ("auto", "on", "off")
 _ENV_VALUES = {"0": "off", "1": "on", "auto": "auto", "off": "off", "on": "on"}
 
@@ -137,3 +137,16 @@ def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: tor
     else:
         fn = module.ema_apex_ if module.use_apex(momentum[0]) else module.ema_multi_
     fn(momentum, online, m, bf16_out)
+
+
+def lars_(params: list[torch.Tensor], grads: list[torch.Tensor], mus: list[torch.Tensor], *, lr: float,
+          weight_decay: float, momentum: float, trust_coefficient: float) -> None:
+    """One LARS step (MoCo v3's official rule, kernels/lars.py) over the lists, in place: the kernel's
+    three launches on CUDA (or under the interpreter when "on"), else the per-parameter reference."""
+    if not params:
+        return
+    from fastmoco.kernels import lars as module
+
+    fn = module.lars_ if use_fused("lars", params[0]) else module.lars_ref_
+    fn(params, grads, mus, lr=lr, weight_decay=weight_decay, momentum=momentum,
+       trust_coefficient=trust_coefficient)
