@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: str = "vit_small"          # vit_test | vit_tiny | vit_small | vit_base | vit_large | vit_huge
+                                     # | vit_conv_small | vit_conv_base (MoCo v3's conv stem: frozen_patch_embed false)
     img_size: int = 224
     init_from: str = ""              # initial weights: a fastmoco checkpoint, an official MoCo v3 .pth.tar
                                      # or an exported backbone (.safetensors)
@@ -32,6 +33,7 @@ class ModelConfig:
     patch_size: int = 0              # 0: the arch's (16; ViT-H 14); DINO also trains /8
     num_heads: int = 0               # 0: the arch's (MoCo v3's ViT-S: 12; DINO's ViT-S: 6)
     drop_path: float = 0.0           # stochastic depth of the online encoder / student (DINO: 0.1)
+    mlp_norm: str = "ln"             # the norm before each MLP: ln | bn (ViT-BN: BatchNorm over the global batch)
 
 
 @dataclass
@@ -167,36 +169,29 @@ class Config:
     seed: int = 0
 
 
+# Per field type: (accepts the JSON value, its conversion, what the error says was expected).
+# bool is a subclass of int in Python, so numbers exclude it explicitly.
+_TYPE_RULES = {
+    dict: (lambda v: isinstance(v, dict), lambda v: v, "an object"),
+    list: (lambda v: isinstance(v, (list, tuple)), list, "a list"),
+    bool: (lambda v: isinstance(v, bool), lambda v: v, "true/false"),
+    int: (lambda v: not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and v.is_integer()),
+          int, "an integer"),
+    float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)), float, "a number"),
+    str: (lambda v: isinstance(v, str), lambda v: v, "a string"),
+}
+
+
 def _check_type(value: Any, tp: Any, path: str) -> Any:
     """Return `value` converted to `tp` where that is lossless, else raise naming `path`."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is dict or origin is dict:
-        if tp is not Any and not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected an object, got {type(value).__name__}")
+    rule = _TYPE_RULES.get(typing.get_origin(tp) or tp)
+    if rule is None:   # Any
         return value
-    if tp is list or origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
-        return list(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
+    accepts, convert, expected = rule
+    if not accepts(value):
+        got = type(value).__name__ if tp in (dict, list) or typing.get_origin(tp) else repr(value)
+        raise ConfigError(f"{path}: expected {expected}, got {got}")
+    return convert(value)
 
 
 def from_dict(d: dict, cls: type = Config, prefix: str = "") -> Any:
