@@ -7,12 +7,12 @@ import torch.nn as nn
 from fastmoco.distributed import all_reduce_sum_autograd, get_world_size
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics span the global batch of all ranks
-    (SyncBatchNorm semantics, as the official code gets from convert_sync_batchnorm),
-    on any backend, gloo included. Statistics in fp32; equal batch per rank assumed."""
+class _GlobalBatchNorm:
+    """BatchNorm whose training statistics span the global batch of all ranks (SyncBatchNorm
+    semantics, as the official code gets from convert_sync_batchnorm), on any backend, gloo
+    included: per channel over every dimension but 1. Statistics in fp32; equal batch per rank assumed."""
 
-    def forward(self, x):  # (B, C)
+    def forward(self, x):  # (B, C) or (B, C, H, W)
         world = get_world_size()
         stats_dtype = x.dtype if self.running_mean is None else self.running_mean.dtype
         if (not self.training or world == 1) and x.dtype == stats_dtype:
@@ -23,8 +23,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                                                   eps=self.eps).to(x.dtype)
         xf = x.float()
         c = xf.shape[1]
-        n = xf.shape[0] * world
-        stats = all_reduce_sum_autograd(torch.cat([xf.sum(0), (xf * xf).sum(0)]))  # (2C,)
+        dims = [0, *range(2, xf.ndim)]
+        shape = (1, c) + (1,) * (xf.ndim - 2)  # per-channel values broadcast over x
+        n = xf.numel() // c * world
+        stats = all_reduce_sum_autograd(torch.cat([xf.sum(dims), (xf * xf).sum(dims)]))  # (2C,)
         mean = stats[:c] / n
         var = (stats[c:] / n - mean * mean).clamp_min(0)
         with torch.no_grad():
@@ -33,10 +35,18 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 mom = self.momentum
                 self.running_mean.lerp_(mean.detach(), mom)
                 self.running_var.lerp_(var.detach() * (n / (n - 1)), mom)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            y = y * self.weight.float() + self.bias.float()
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
         return y.to(x.dtype)
+
+
+class GlobalBatchNorm1d(_GlobalBatchNorm, nn.BatchNorm1d):
+    """(B, C): the MLP heads' BatchNorm over the global batch."""
+
+
+class GlobalBatchNorm2d(_GlobalBatchNorm, nn.BatchNorm2d):
+    """(B, C, H, W): a convolutional trunk's BatchNorm over the global batch (ResNet, conv stems)."""
 
 
 def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
