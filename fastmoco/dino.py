@@ -105,14 +105,15 @@ class DINO(nn.Module):
     def __init__(self, arch: str = "vit_small", img_size: int = 224, *, patch_size: int = 16, num_heads: int = 6,
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True, drop_path: float = 0.1, student_temp: float = 0.1,
-                 center_momentum: float = 0.9, num_global: int = 2, grad_checkpointing: bool = False):
+                 center_momentum: float = 0.9, num_global: int = 2, grad_checkpointing: bool = False,
+                 mlp_norm: str = "ln"):
         super().__init__()
         self.student_temp, self.center_momentum, self.num_global = student_temp, center_momentum, num_global
 
         def encoder(path_rate: float) -> Encoder:
             vit = VisionTransformer(arch, img_size=img_size, frozen_patch_embed=False, recipe="dino",
                                     num_heads=num_heads, patch_size=patch_size, drop_path=path_rate,
-                                    grad_checkpointing=grad_checkpointing)
+                                    grad_checkpointing=grad_checkpointing, mlp_norm=mlp_norm)
             return Encoder(vit, DINOHead(vit.embed_dim, out_dim, hidden_dim, bottleneck_dim,
                                          norm_last_layer=norm_last_layer))
 
@@ -131,7 +132,7 @@ class DINO(nn.Module):
                    bottleneck_dim=dino_cfg.bottleneck_dim, norm_last_layer=dino_cfg.norm_last_layer,
                    drop_path=model_cfg.drop_path, student_temp=dino_cfg.student_temp,
                    center_momentum=dino_cfg.center_momentum, num_global=dino_cfg.global_crops,
-                   grad_checkpointing=model_cfg.grad_checkpointing)
+                   grad_checkpointing=model_cfg.grad_checkpointing, mlp_norm=model_cfg.mlp_norm)
 
     # The Trainer's names for the two encoders (MoCo: base_encoder / momentum_encoder).
     @property

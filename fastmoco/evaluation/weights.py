@@ -61,10 +61,11 @@ class WeightsInfo:
     recipe: str = "moco"  # the ViT's (fastmoco.models.vit): position embedding and init
     num_heads: int = 0    # 0: the arch's
     patch_size: int = 0   # 0: the arch's
+    mlp_norm: str = "ln"  # ViT-BN: "bn"
 
     def backbone(self) -> VisionTransformer:
         return VisionTransformer(self.arch, img_size=self.img_size, frozen_patch_embed=False, recipe=self.recipe,
-                                 num_heads=self.num_heads, patch_size=self.patch_size)
+                                 num_heads=self.num_heads, patch_size=self.patch_size, mlp_norm=self.mlp_norm)
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def _load_fastmoco(ckpt: Path) -> tuple[dict, WeightsInfo]:
     method = cfg.get("method", "moco_v3")
     return sd, WeightsInfo(arch, img_size, "fastmoco", str(ckpt), meta.get("step"), epoch, cfg, method,
                            "dino" if method == "dino" else "moco", model_cfg.get("num_heads", 0),
-                           model_cfg.get("patch_size", 0))
+                           model_cfg.get("patch_size", 0), model_cfg.get("mlp_norm", "ln"))
 
 
 def _meta_model(cfg: dict):
@@ -170,20 +171,23 @@ def _momentum_master(ckpt: Path, cfg: dict) -> dict | None:
     return out
 
 
-def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int]:
-    """(arch, img_size) of a backbone state dict, from its shapes."""
+def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int, int, str]:
+    """(arch, img_size, patch_size, mlp_norm) of a backbone state dict, from its names and shapes: a conv
+    stem has `patch_embed.proj.0.weight` (patch 16), ViT-BN running statistics in `norm2`."""
+    stem = "conv" if prefix + "patch_embed.proj.0.weight" in sd else "patch"
     try:
         width = sd[prefix + "cls_token"].shape[-1]
-        patch = sd[prefix + "patch_embed.proj.weight"].shape[-1]
+        patch = 16 if stem == "conv" else sd[prefix + "patch_embed.proj.weight"].shape[-1]
         tokens = sd[prefix + "pos_embed"].shape[1]
     except KeyError as e:
         raise WeightsError(f"{path}: no {e.args[0]!r}: not a ViT backbone state dict") from None
     depth = len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "blocks.")})
+    mlp_norm = "bn" if prefix + "blocks.0.norm2.running_mean" in sd else "ln"
     for arch, size in VIT_SIZES.items():
-        if (size.embed_dim, size.depth) == (width, depth):
+        if (size.embed_dim, size.depth, size.stem) == (width, depth, stem):
             grid = round((tokens - 1) ** 0.5)
-            return arch, grid * patch, patch
-    raise WeightsError(f"{path}: a ViT of width {width}, depth {depth} matches no known arch "
+            return arch, grid * patch, patch, mlp_norm
+    raise WeightsError(f"{path}: a ViT of width {width}, depth {depth}, {stem} stem matches no known arch "
                        f"({', '.join(VIT_SIZES)})")
 
 
@@ -198,14 +202,14 @@ def load_official(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
         raise WeightsError(f"{path}: no 'state_dict' in it: not an official MoCo v3 checkpoint")
     sd = {k[len(OFFICIAL_PREFIX):] if k.startswith(OFFICIAL_PREFIX) else k: v
           for k, v in ckpt["state_dict"].items()}
+    arch, img_size, patch, mlp_norm = _arch_from_backbone(sd, PREFIXES["moco_v3"]["online"], path)
     arch_key = ckpt.get("arch")
-    if isinstance(arch_key, str) and arch_key.startswith("vit_conv"):
-        raise WeightsError(f"{path}: arch {arch_key!r} (conv stem) is not supported yet")
-    arch, img_size, patch = _arch_from_backbone(sd, PREFIXES["moco_v3"]["online"], path)
+    if isinstance(arch_key, str) and arch_key in VIT_SIZES and arch_key != arch:
+        raise WeightsError(f"{path}: its arch {arch_key!r} does not match its weights' shapes ({arch})")
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     epoch = ckpt.get("epoch", 0)
     return sd, WeightsInfo(arch, img_size, "official", str(path), None, epoch if isinstance(epoch, int) else 0,
-                           patch_size=patch)
+                           patch_size=patch, mlp_norm=mlp_norm)
 
 
 def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
@@ -216,10 +220,10 @@ def load_safetensors_backbone(path: str | os.PathLike) -> tuple[dict, WeightsInf
         sd = {k: f.get_tensor(k).float() if f.get_tensor(k).is_floating_point() else f.get_tensor(k)
               for k in f.keys()}
         meta = f.metadata() or {}
-    arch, img_size, patch = _arch_from_backbone(sd, "", path)
+    arch, img_size, patch, mlp_norm = _arch_from_backbone(sd, "", path)
     method = meta.get("method", "moco_v3")
     info = WeightsInfo(arch, img_size, "safetensors", str(path), method=method, recipe=meta.get("recipe", "moco"),
-                       num_heads=int(meta.get("num_heads", 0) or 0), patch_size=patch)
+                       num_heads=int(meta.get("num_heads", 0) or 0), patch_size=patch, mlp_norm=mlp_norm)
     return {PREFIXES[method]["online"] + k: v for k, v in sd.items()}, info
 
 

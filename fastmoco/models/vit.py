@@ -20,6 +20,31 @@ Every block calls attention and LayerNorm through `fastmoco.ops`, which
 picks the Triton kernels or the PyTorch reference. The residual stream is
 carried as (x, branch) between sub-blocks so that "h = x + branch; y = LN(h)"
 is one fused op on the GPU.
+
+The MoCo v3 paper's other backbones:
+- ViT-BN (`mlp_norm="bn"`): "BatchNorm instead of LayerNorm in the MLP blocks"
+  (the paper's ViT-BN-L 78.6, ViT-BN-H 79.1, ViT-BN-L/7 81.0). The official code
+  releases no ViT-BN, so this is our reading of the paper: in every block the
+  norm before the MLP (`norm2`) is a BatchNorm over all tokens of the global
+  batch ((B, N, C) -> statistics over B*N*world per channel, SyncBN semantics
+  as in the official heads; `TokenBatchNorm`); the norm before attention
+  (`norm1`) and the final `norm` stay LayerNorm. timm has no equivalent; the
+  names are timm's (`blocks.i.norm2.weight/bias`) plus BatchNorm's buffers
+  (`running_mean`, `running_var`, `num_batches_tracked`). That block does a
+  plain add then BN where the LayerNorm path fuses add + LN. Under activation
+  checkpointing the recomputed forward updates the running statistics a second
+  time (with the same batch statistics), as with torch's SyncBatchNorm.
+- Conv stem (`vit_conv_small`, `vit_conv_base`, the official vits.py's
+  ConvStem after Xiao et al. 2021): four 3x3 stride-2 convs (no bias) with
+  BatchNorm (global batch, as the official code's SyncBN) and ReLU, channels
+  embed_dim/8, /4, /2, 1x, then a 1x1 conv (with bias) to embed_dim: patch 16,
+  one block fewer (11). Names are the official ones (`patch_embed.proj.0` ...
+  `patch_embed.proj.12`); timm has no equivalent. The stem keeps PyTorch's
+  default init and always trains (the official code freezes only a linear
+  patch projection), so `frozen_patch_embed` must be off for it.
+- Patch 7 (`patch_size=7`, e.g. ViT-BN-L/7): 224 px = 32 x 32 patches, 1025
+  tokens; attention at that length is the measured faster of the kernel and
+  SDPA (`fastmoco.ops.attention`).
 """
 from __future__ import annotations
 
@@ -32,9 +57,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastmoco import ops
+from fastmoco.models.heads import GlobalBatchNorm1d
 
 LN_EPS = 1e-6
 RECIPES = ("moco", "dino")
+MLP_NORMS = ("ln", "bn")     # the norm before each block's MLP: LayerNorm (ViT) or BatchNorm (ViT-BN)
+STEMS = ("patch", "conv")    # one linear patch projection, or MoCo v3's conv stem
+CONV_STEM_LAYERS = 4         # 3x3 stride-2 convs: patch 2**4 = 16
 
 
 @dataclass(frozen=True)
@@ -43,7 +72,8 @@ class ViTSize:
     embed_dim: int
     depth: int
     num_heads: int
-    timm_name: str  # the timm model whose state dict layout matches
+    timm_name: str  # the timm model whose state dict layout matches ("": none, the conv stem)
+    stem: str = "patch"
 
 
 # MoCo v3 (vits.py of the official code): ViT-S uses 12 heads, not timm's 6 (DINO's ViT-S: num_heads=6).
@@ -54,6 +84,10 @@ VIT_SIZES = {
     "vit_base": ViTSize(16, 768, 12, 12, "vit_base_patch16_224"),
     "vit_large": ViTSize(16, 1024, 24, 16, "vit_large_patch16_224"),
     "vit_huge": ViTSize(14, 1280, 32, 16, "vit_huge_patch14_224"),
+    # the official vits.py's conv-stem ViTs: one block fewer than ViT-S / ViT-B
+    "vit_conv_test": ViTSize(16, 72, 1, 3, "", "conv"),  # CPU tests
+    "vit_conv_small": ViTSize(16, 384, 11, 12, "", "conv"),
+    "vit_conv_base": ViTSize(16, 768, 11, 12, "", "conv"),
 }
 
 
@@ -70,6 +104,26 @@ class LayerNorm(nn.LayerNorm):
         return ops.add_layernorm(x, branch, self.weight, self.bias, self.eps)
 
 
+class TokenBatchNorm(GlobalBatchNorm1d):
+    """ViT-BN's norm before the MLP: BatchNorm of (B, N, C) tokens over all B*N tokens of every rank.
+    Called like `LayerNorm`: norm(x) -> BN(x); norm(x, branch) -> (h, BN(h)) with h = x + branch."""
+
+    def forward(self, x, branch=None):
+        if branch is not None:
+            x = x + branch
+            return x, self.forward(x)
+        return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+
+class StemBatchNorm(GlobalBatchNorm1d):
+    """BatchNorm2d semantics over the global batch: (B, C, H, W), statistics over B*H*W*world per channel."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, c))       # (B*H*W, C)
+        return y.view(b, h, w, c).permute(0, 3, 1, 2)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, img_size: int, patch_size: int, embed_dim: int):
         super().__init__()
@@ -81,6 +135,30 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):  # (B, 3, H, W) -> (B, P, C)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ConvStem(PatchEmbed):
+    """MoCo v3's conv stem (see the module docstring): `proj` is the official nn.Sequential, so its
+    indices (conv 0, 3, 6, 9; BN 1, 4, 7, 10; the 1x1 conv 12) are the official names."""
+
+    def __init__(self, img_size: int, patch_size: int, embed_dim: int):
+        nn.Module.__init__(self)
+        if patch_size != 2 ** CONV_STEM_LAYERS:
+            raise ValueError(f"the conv stem has patch size {2 ** CONV_STEM_LAYERS}, got patch_size {patch_size}")
+        if embed_dim % 8:
+            raise ValueError(f"the conv stem needs embed_dim divisible by 8, got {embed_dim}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers: list[nn.Module] = []
+        c_in, c_out = 3, embed_dim // 8
+        for _ in range(CONV_STEM_LAYERS):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
+                       StemBatchNorm(c_out), nn.ReLU(inplace=True)]
+            c_in, c_out = c_out, c_out * 2
+        layers.append(nn.Conv2d(c_in, embed_dim, kernel_size=1))
+        self.proj = nn.Sequential(*layers)
 
 
 class Attention(nn.Module):
@@ -116,11 +194,12 @@ class Block(nn.Module):
     """Pre-norm transformer block. Takes and returns the residual stream as
     (x, branch): the stream is x + branch, with branch None for a plain x."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 mlp_norm: str = "ln"):
         super().__init__()
         self.norm1 = LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = LayerNorm(dim, eps=LN_EPS)
+        self.norm2 = LayerNorm(dim, eps=LN_EPS) if mlp_norm == "ln" else TokenBatchNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
@@ -159,21 +238,27 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, frozen_patch_embed: bool = True,
                  grad_checkpointing: bool = False, *, recipe: str = "moco", num_heads: int = 0,
-                 patch_size: int = 0, drop_path: float = 0.0):
+                 patch_size: int = 0, drop_path: float = 0.0, mlp_norm: str = "ln"):
         super().__init__()
         if arch not in VIT_SIZES:
             raise ValueError(f"model.arch {arch!r} unknown (known: {', '.join(VIT_SIZES)})")
         if recipe not in RECIPES:
             raise ValueError(f"ViT recipe {recipe!r} unknown (known: {', '.join(RECIPES)})")
+        if mlp_norm not in MLP_NORMS:
+            raise ValueError(f"model.mlp_norm {mlp_norm!r} unknown (known: {', '.join(MLP_NORMS)})")
         size = VIT_SIZES[arch]
         size = ViTSize(patch_size or size.patch_size, size.embed_dim, size.depth, num_heads or size.num_heads,
-                       size.timm_name)
+                       size.timm_name, size.stem)
         if size.embed_dim % size.num_heads:
             raise ValueError(f"num_heads {size.num_heads} does not divide embed_dim {size.embed_dim} of {arch}")
-        self.arch, self.size, self.recipe = arch, size, recipe
+        if size.stem == "conv" and frozen_patch_embed:
+            raise ValueError(f"model.frozen_patch_embed freezes a linear patch projection; {arch} has a conv stem, "
+                             "which trains (as the official code): set model.frozen_patch_embed false")
+        self.arch, self.size, self.recipe, self.mlp_norm = arch, size, recipe, mlp_norm
         self.embed_dim = size.embed_dim
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(img_size, size.patch_size, size.embed_dim)
+        stem = ConvStem if size.stem == "conv" else PatchEmbed
+        self.patch_embed = stem(img_size, size.patch_size, size.embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, size.embed_dim))
         table = sincos_pos_embed_2d(*self.patch_embed.grid_size, size.embed_dim)
         if recipe == "moco":  # fixed, never trained: a buffer (still named pos_embed, as timm's)
@@ -181,7 +266,8 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(torch.zeros_like(table))
         rates = [drop_path * i / max(size.depth - 1, 1) for i in range(size.depth)]  # DINO: linspace(0, p)
-        self.blocks = nn.ModuleList(Block(size.embed_dim, size.num_heads, drop_path=r) for r in rates)
+        self.blocks = nn.ModuleList(Block(size.embed_dim, size.num_heads, drop_path=r, mlp_norm=mlp_norm)
+                                    for r in rates)
         self.norm = LayerNorm(size.embed_dim, eps=LN_EPS)
         self.head = nn.Identity()
         self._init_moco() if recipe == "moco" else self._init_dino()
@@ -212,6 +298,8 @@ class VisionTransformer(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if isinstance(self.patch_embed, ConvStem):  # the official code leaves the stem at PyTorch's init
+            return
         proj = self.patch_embed.proj
         fan_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
         bound = math.sqrt(6.0 / (fan_in + self.embed_dim))
