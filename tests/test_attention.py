@@ -45,6 +45,7 @@ GPU_SHAPES = [
     (640, 37, 6, 64),  # DINO ViT-S/16 local crops (96 px), 10 per image
     (320, 145, 6, 64),  # DINO ViT-S/8 local crops
     (16, 785, 6, 64),  # DINO ViT-S/8 global crops (224 px)
+    (4, 1025, 16, 64),  # ViT-BN-L/7 (224 px: 32 x 32 patches + the class token)
 ]
 CASES = (
     [pytest.param(shape, torch.float32, FP32_ATOL, id=f"{shape}-fp32") for shape in CPU_SHAPES]
