@@ -34,6 +34,7 @@ from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.methods import get_method
+from fastmoco.optim import build_optimizer
 from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
 
@@ -94,7 +95,7 @@ def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
     bf16 = ds.get("bf16", {}).get("enabled", "auto")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": use_cuda if bf16 == "auto" else bool(bf16)}
     ds.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world, gradient_accumulation_steps=1)
-    ds.setdefault("zero_allow_untested_optimizer", True)  # a client torch.optim.AdamW: no C++ op to build
+    ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer (fastmoco/optim.py): no C++ op
     ds.setdefault("steps_per_print", 10 ** 9)  # fastmoco logs itself
     return ds
 
@@ -149,12 +150,8 @@ class Trainer:
             from fastmoco.evaluation.weights import init_from
             init_from(model, cfg.model.init_from)
         model = model.to(self.device)
-        o = cfg.optim
-        if o.name != "adamw":
-            raise ConfigError(f"optim.name {o.name!r}: only 'adamw' (the ViT recipes of MoCo v3 and DINO) is "
-                              "supported")
-        optimizer = torch.optim.AdamW(self.method.param_groups(model, cfg), lr=self.lrs[0], betas=tuple(o.betas),
-                                      eps=o.eps, weight_decay=o.weight_decay, fused=self.use_cuda)
+        optimizer = build_optimizer(cfg.optim, self.method.param_groups(model, cfg), lr=self.lrs[0],
+                                    use_cuda=self.use_cuda, zero_stage=self.zero_stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         self.model = self.engine.module
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
