@@ -7,7 +7,7 @@ nothing downloaded). Each class folder holds random crops of one photograph,
 resized so the shorter side is 300-500 px with aspect 3/4-4/3 (ImageNet-like
 sizes) and saved as JPEG quality 90. So a kNN on the labels is meaningful: two
 crops of the same photograph share a class. The command writes a train and a
-val split (other crops of the same photographs: another seed) for the README
+val split (small details of the same photographs: VAL_AREA, another seed) for the README
 demo's kNN monitor.
 
 Idempotent: a `.complete` marker records the parameters; a folder made with the
@@ -30,7 +30,8 @@ GRAY_SOURCES = ("camera", "coins", "moon")
 
 SHORT_SIDE = (300, 500)          # pixels, like ImageNet's typical sizes
 ASPECT = (3 / 4, 4 / 3)          # width / height
-MIN_AREA_FRACTION = 0.4          # of the source photograph, before the resize
+AREA = (0.4, 1.0)                # crop area, fraction of the source photograph, before the resize
+VAL_AREA = (0.03, 0.15)          # the val split: small details of the photographs (a harder kNN)
 JPEG_QUALITY = 90
 VAL_SEED_OFFSET = 1_000_003      # the val split's crops: another seed than train's
 _MARKER = ".complete"
@@ -45,13 +46,13 @@ def _load_source(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def _sample(photo: np.ndarray, rng: np.random.Generator):
+def _sample(photo: np.ndarray, rng: np.random.Generator, area_range: tuple[float, float] = AREA):
     """One random crop of `photo`, resized to an ImageNet-like size (PIL image)."""
     from PIL import Image
 
     h, w = photo.shape[:2]
     aspect = float(np.exp(rng.uniform(np.log(ASPECT[0]), np.log(ASPECT[1]))))
-    area = rng.uniform(MIN_AREA_FRACTION, 1.0) * h * w
+    area = rng.uniform(*area_range) * h * w
     cw = int(min(w, round(np.sqrt(area * aspect))))
     ch = int(min(h, round(cw / aspect)))
     y0 = int(rng.integers(0, h - ch + 1))
@@ -64,16 +65,19 @@ def _sample(photo: np.ndarray, rng: np.random.Generator):
 
 
 def make_demo_data(out_dir: str | os.PathLike, num_images: int = 256, seed: int = 0,
-                   color_only: bool = False) -> Path:
+                   color_only: bool = False, area: tuple[float, float] = AREA) -> Path:
     """Write `num_images` JPEGs under `out_dir/<photograph>/`; return `out_dir`.
 
     Classes are the source photographs (8 colour, plus 3 grey unless
-    `color_only`), images spread round-robin over them.
+    `color_only`), images spread round-robin over them; each a crop of `area`
+    (fraction of the photograph) resized to an ImageNet-like size.
     """
     out = Path(out_dir)
     sources = COLOR_SOURCES if color_only else COLOR_SOURCES + GRAY_SOURCES
     params = {"num_images": int(num_images), "seed": int(seed), "sources": list(sources),
               "quality": JPEG_QUALITY, "version": 1}
+    if tuple(area) != AREA:
+        params["area"] = list(area)
     marker = out / _MARKER
     if marker.is_file():
         try:
@@ -88,7 +92,7 @@ def make_demo_data(out_dir: str | os.PathLike, num_images: int = 256, seed: int 
     for i in range(num_images):
         name = sources[i % len(sources)]
         rng = np.random.default_rng([seed, i])
-        img = _sample(photos[name], rng)
+        img = _sample(photos[name], rng, tuple(area))
         path = out / name / f"{name}_{i:05d}.jpg"
         tmp = path.with_suffix(".tmp")
         img.save(tmp, format="JPEG", quality=JPEG_QUALITY)
@@ -102,7 +106,8 @@ def make_demo_splits(out_dir: str | os.PathLike, num_images: int = 256, val_imag
     """`out_dir/train` and (when `val_images`) `out_dir/val`: the same classes, different crops."""
     out = Path(out_dir)
     train = make_demo_data(out / "train", num_images, seed, color_only)
-    val = make_demo_data(out / "val", val_images, seed + VAL_SEED_OFFSET, color_only) if val_images > 0 else None
+    val = make_demo_data(out / "val", val_images, seed + VAL_SEED_OFFSET, color_only, VAL_AREA) \
+        if val_images > 0 else None
     return train, val
 
 
