@@ -24,8 +24,11 @@ def test_make_demo_data_layout_sizes_and_idempotence(tmp_path):
     assert [f.read_bytes() for f in sorted(again.glob("*/*.jpg"))] == [f.read_bytes() for f in files]
 
 
-def test_cli_color_only(tmp_path, capsys):
-    main([str(tmp_path / "cli"), "--num-images", "10", "--color-only"])
+def test_cli_color_only_with_a_val_split(tmp_path, capsys):
+    main([str(tmp_path / "cli"), "--num-images", "10", "--val-images", "6", "--color-only"])
     assert "10 JPEGs" in capsys.readouterr().out
-    assert {p.parent.name for p in (tmp_path / "cli").glob("*/*.jpg")} <= set(COLOR_SOURCES)
-    assert len(list((tmp_path / "cli").glob("*/*.jpg"))) == 10
+    train, val = sorted((tmp_path / "cli" / "train").glob("*/*.jpg")), sorted((tmp_path / "cli" / "val").glob("*/*.jpg"))
+    assert len(train) == 10 and len(val) == 6
+    assert {p.parent.name for p in train + val} <= set(COLOR_SOURCES)
+    assert {p.parent.name for p in val} <= {p.parent.name for p in train}   # val's classes are train's
+    assert not {p.read_bytes() for p in train} & {p.read_bytes() for p in val}
