@@ -113,6 +113,15 @@ def _jpeg(rng, path, size=(40, 48), **save_kwargs):
     Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path, "JPEG", **save_kwargs)
 
 
+def _jpeg_folder(root, per_class: int, seed: int, classes=("a",)):
+    """root/<class>/<i>.jpg: small random-noise JPEGs."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            _jpeg(rng, root / c / f"{i}.jpg")
+
+
 def _damage_middle(path):
     """A second frame header in the middle of the entropy-coded data: the file's header and end
     marker stay valid, so it passes the pre-scan; PIL fails on it."""
@@ -151,10 +160,7 @@ def test_3_torchvision_decode_failure_or_deleted_file_is_named_and_replaced(tmp_
     from fastmoco.config import DataConfig
     from fastmoco.pipelines import BadImageWarning, DatasetError, augment_params, scan_image_folder
     from fastmoco.pipelines.torchvision_loader import TwoCropDataset
-    rng = np.random.default_rng(1)
-    (tmp_path / "a").mkdir()
-    for i in range(6):
-        _jpeg(rng, tmp_path / "a" / f"{i}.jpg")
+    _jpeg_folder(tmp_path, 6, seed=1)
     _damage_middle(tmp_path / "a" / "2.jpg")
     samples = scan_image_folder(tmp_path)
     assert len(samples) == 6   # the damage passes the cheap pre-scan
@@ -176,12 +182,8 @@ def test_3_torchvision_decode_failure_or_deleted_file_is_named_and_replaced(tmp_
 
 @pytest.mark.slow
 def test_3_torchvision_run_over_a_damaged_jpeg_names_it_and_finishes(tmp_path):
-    rng = np.random.default_rng(2)
     data = tmp_path / "data"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(8):
-            _jpeg(rng, data / c / f"{i}.jpg")
+    _jpeg_folder(data, 8, seed=2, classes=("a", "b"))
     _damage_middle(data / "a" / "3.jpg")
     p = train(tmp_path / "run", "--data.source", "folder", "--data.path", str(data), "--data.backend",
               "torchvision", "--data.num_threads", "0", "--schedule.max_steps", "4",
@@ -197,10 +199,7 @@ def test_3_dali_decoder_failure_and_deleted_file_are_named_and_replaced(tmp_path
     from fastmoco.config import DataConfig
     from fastmoco.pipelines import BadImageWarning, scan_image_folder
     from fastmoco.pipelines.dali import DaliTwoCropLoader
-    rng = np.random.default_rng(5)
-    (tmp_path / "a").mkdir()
-    for i in range(8):
-        _jpeg(rng, tmp_path / "a" / f"{i}.jpg")
+    _jpeg_folder(tmp_path, 8, seed=5)
     _damage_huffman_table(tmp_path / "a" / "3.jpg")
     samples = scan_image_folder(tmp_path)
     assert len(samples) == 8          # passes the pre-scan; DALI's decoder fails on it naming no file
@@ -220,10 +219,7 @@ def test_3_dali_decoder_failure_and_deleted_file_are_named_and_replaced(tmp_path
 
 def test_3_scan_refuses_a_folder_with_too_many_bad_files(tmp_path):
     from fastmoco.pipelines import DatasetError, scan_image_folder
-    (tmp_path / "a").mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        _jpeg(rng, tmp_path / "a" / f"{i}.jpg")
+    _jpeg_folder(tmp_path, 3, seed=3)
     (tmp_path / "a" / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.warns(UserWarning, match="bad.jpg"):
         assert len(scan_image_folder(tmp_path, max_bad_fraction=0.25)) == 3    # 1 of 4: allowed
@@ -417,11 +413,7 @@ def test_7_disk_full_names_the_path_removes_the_staging_dir_and_keeps_the_previo
 # -- 8: data folders with symlinks --------------------------------------------------------------------
 def test_8_symlinks_loop_self_link_and_broken_link_are_named_not_multiplied(tmp_path):
     from fastmoco.pipelines import scan_image_folder
-    rng = np.random.default_rng(4)
-    for c in ("a", "b"):
-        (tmp_path / c).mkdir()
-        for i in range(4):
-            _jpeg(rng, tmp_path / c / f"{i}.jpg")
+    _jpeg_folder(tmp_path, 4, seed=4, classes=("a", "b"))
     (tmp_path / "a" / "up").symlink_to(tmp_path, target_is_directory=True)     # a loop to the root
     (tmp_path / "b" / "again").symlink_to(tmp_path / "b", target_is_directory=True)
     (tmp_path / "a" / "self.jpg").symlink_to(tmp_path / "a" / "self.jpg")

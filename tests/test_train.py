@@ -141,19 +141,19 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert "step_00000005" not in ckpts  # the half-written one never looks complete
 
 
-def test_deepspeed_batch_config_errors():
-    cfg = load_config(TINY, ["--deepspeed.train_batch_size", "9"])
-    with pytest.raises(ConfigError, match="train_batch_size 9 does not divide over 2 processes"):
-        resolve_deepspeed_config(cfg, world=2, use_cuda=False)
-    cfg = load_config(TINY, ["--deepspeed.train_micro_batch_size_per_gpu", "1"])
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu must be an integer >= 2"):
-        resolve_deepspeed_config(cfg, world=2, use_cuda=False)
-    cfg = load_config(TINY, ["--deepspeed.gradient_accumulation_steps", "2"])
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
-        resolve_deepspeed_config(cfg, world=1, use_cuda=False)
-    cfg = load_config(TINY, ["--deepspeed.optimizer", '{"type": "Adam"}'])
-    with pytest.raises(ConfigError, match="deepspeed.optimizer"):
-        resolve_deepspeed_config(cfg, world=1, use_cuda=False)
+@pytest.mark.parametrize("override, world, expect", [
+    (["--deepspeed.train_batch_size", "9"], 2, "train_batch_size 9 does not divide over 2 processes"),
+    (["--deepspeed.train_micro_batch_size_per_gpu", "1"], 2, "train_micro_batch_size_per_gpu must be an integer >= 2"),
+    (["--deepspeed.gradient_accumulation_steps", "2"], 1, "gradient_accumulation_steps"),
+    (["--deepspeed.optimizer", '{"type": "Adam"}'], 1, "deepspeed.optimizer"),
+])
+def test_deepspeed_batch_config_errors(override, world, expect):
+    cfg = load_config(TINY, override)
+    with pytest.raises(ConfigError, match=expect):
+        resolve_deepspeed_config(cfg, world=world, use_cuda=False)
+
+
+def test_deepspeed_batch_config_resolves_micro_batch_and_bf16():
     ds = resolve_deepspeed_config(load_config(TINY, ["--deepspeed.train_batch_size", "16"]), world=2, use_cuda=False)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["bf16"]["enabled"] is False
     assert resolve_deepspeed_config(load_config(TINY), world=1, use_cuda=True)["bf16"]["enabled"] is True
