@@ -179,15 +179,20 @@ def export_main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     with _errors():
         from fastmoco.evaluation.weights import export, load_weights
+        from fastmoco.models.resnet import RESNET_ARCHS
 
         out, off = export(args.checkpoint, args.out, encoder=args.encoder, official=args.official)
         _, info = load_weights(out)
         args.encoder = args.encoder or METHODS[info.method].default_encoder
-        size = info.backbone().size
-        print(f"backbone ({info.arch}, {args.encoder} encoder): {out}\n"
-              f"  timm: timm.create_model('{size.timm_name}', num_classes=0, num_heads={size.num_heads}, "
-              f"patch_size={size.patch_size}, img_size={info.img_size}, pretrained=True, "
-              f"pretrained_cfg_overlay=dict(file='{out}'))"
+        if info.arch in RESNET_ARCHS:
+            how = (f"  torchvision: torchvision.models.{info.arch}().load_state_dict("
+                   f"safetensors.torch.load_file('{out}'), strict=False)  # only fc missing")
+        else:
+            size = info.backbone().size
+            how = (f"  timm: timm.create_model('{size.timm_name}', num_classes=0, num_heads={size.num_heads}, "
+                   f"patch_size={size.patch_size}, img_size={info.img_size}, pretrained=True, "
+                   f"pretrained_cfg_overlay=dict(file='{out}'))")
+        print(f"backbone ({info.arch}, {args.encoder} encoder): {out}\n{how}"
               + (f"\nofficial MoCo v3 layout: {off}" if off else ""), flush=True)
 
 

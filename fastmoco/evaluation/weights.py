@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from fastmoco.models.resnet import RESNET_ARCHS, ResNet
 from fastmoco.models.vit import VIT_SIZES, VisionTransformer
 
 MARKER = "COMPLETE"                   # fastmoco.checkpoint's completeness marker
@@ -41,7 +42,7 @@ OFFICIAL_PREFIX = "module."           # DistributedDataParallel's prefix in the 
 PREFIXES = {"moco_v3": {"online": "base_encoder.", "momentum": "momentum_encoder."},
             "dino": {"online": "student.backbone.", "momentum": "teacher.backbone."}}
 ENCODERS = tuple(PREFIXES["moco_v3"])
-HEAD_PREFIX = "head."                 # the MoCo projector inside each encoder
+HEAD_PREFIXES = ("head.", "fc.")      # the MoCo projector inside each encoder (ViT: head, ResNet: fc)
 
 
 class WeightsError(ValueError):
@@ -63,7 +64,9 @@ class WeightsInfo:
     patch_size: int = 0   # 0: the arch's
     mlp_norm: str = "ln"  # ViT-BN: "bn"
 
-    def backbone(self) -> VisionTransformer:
+    def backbone(self) -> VisionTransformer | ResNet:
+        if self.arch in RESNET_ARCHS:
+            return ResNet(self.arch)
         return VisionTransformer(self.arch, img_size=self.img_size, frozen_patch_embed=False, recipe=self.recipe,
                                  num_heads=self.num_heads, patch_size=self.patch_size, mlp_norm=self.mlp_norm)
 
@@ -174,6 +177,8 @@ def _momentum_master(ckpt: Path, cfg: dict) -> dict | None:
 def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int, int, str]:
     """(arch, img_size, patch_size, mlp_norm) of a backbone state dict, from its names and shapes: a conv
     stem has `patch_embed.proj.0.weight` (patch 16), ViT-BN running statistics in `norm2`."""
+    if prefix + "conv1.weight" in sd and prefix + "layer1.0.conv1.weight" in sd:
+        return _resnet_arch(sd, prefix, path), 224, 0, "ln"  # a ResNet runs at any resolution
     stem = "conv" if prefix + "patch_embed.proj.0.weight" in sd else "patch"
     try:
         width = sd[prefix + "cls_token"].shape[-1]
@@ -189,6 +194,18 @@ def _arch_from_backbone(sd: dict, prefix: str, path) -> tuple[str, int, int, str
             return arch, grid * patch, patch, mlp_norm
     raise WeightsError(f"{path}: a ViT of width {width}, depth {depth}, {stem} stem matches no known arch "
                        f"({', '.join(VIT_SIZES)})")
+
+
+def _resnet_arch(sd: dict, prefix: str, path) -> str:
+    """The ResNet arch of a trunk state dict (torchvision names), from its blocks per stage."""
+    layers = [len({k[len(prefix):].split(".")[1] for k in sd if k.startswith(f"{prefix}layer{i}.")})
+              for i in range(1, 5)]
+    for arch, (block, counts) in RESNET_ARCHS.items():
+        bottleneck = prefix + "layer1.0.conv3.weight" in sd
+        if counts == layers and (block.expansion == 4) == bottleneck:
+            return arch
+    raise WeightsError(f"{path}: a ResNet with {layers} blocks per stage matches no known arch "
+                       f"({', '.join(RESNET_ARCHS)})")
 
 
 def load_official(path: str | os.PathLike) -> tuple[dict, WeightsInfo]:
@@ -245,7 +262,7 @@ def backbone_state(sd: dict, encoder: str = "online", path: str = "", method: st
         raise WeightsError(f"encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
     prefix = PREFIXES[method][encoder]
     out = {k[len(prefix):]: v for k, v in sd.items()
-           if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD_PREFIX)}
+           if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD_PREFIXES)}
     if not out:
         raise WeightsError(f"{path}: holds no {encoder} encoder (no {prefix}* keys)")
     return out
@@ -303,9 +320,13 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = ""
     sd, info = load_weights(path)
     encoder = encoder or METHODS[info.method].default_encoder
     backbone = {k: v.contiguous() for k, v in backbone_state(sd, encoder, info.path, info.method).items()}
-    size = info.backbone().size
-    meta = {"format": "pt", "arch": info.arch, "timm_name": size.timm_name, "num_heads": str(size.num_heads),
-            "patch_size": str(size.patch_size), "img_size": str(info.img_size), "encoder": encoder,
+    if info.arch in RESNET_ARCHS:  # torchvision's names: torchvision.models.<arch>() loads it, fc missing
+        loads_as = {"torchvision_name": info.arch}
+    else:
+        size = info.backbone().size
+        loads_as = {"timm_name": size.timm_name, "num_heads": str(size.num_heads),
+                    "patch_size": str(size.patch_size)}
+    meta = {"format": "pt", "arch": info.arch, **loads_as, "img_size": str(info.img_size), "encoder": encoder,
             "method": info.method, "recipe": info.recipe, "source": info.path,
             "step": str(info.step if info.step is not None else "")}
     from safetensors.torch import save_file
