@@ -4,7 +4,9 @@
 
 - step/trainer: `fastmoco.train.Trainer.train_step` built from configs/dino_vit_s16.json (DeepSpeed bf16,
   ZeRO-1, fused DINO loss, multi-tensor fp32 EMA) on 2 global 224-px + 10 local 96-px crops
-  already on the device; img/s (one image = its 12 crops).
+  already on the device; img/s (one image = its 12 crops). At batch 64 (DINO's per GPU) and at the
+  largest of 128, 256, 512 that fits (step/trainer-largest).
+- step/e2e: the same Trainer fed by its DALI multi-crop loader on a JPEG folder (end to end).
 - step/peer: bench/peer.py's PeerDINO as main_dino.py trains it: timm ViT-S/16, fp16 autocast +
   GradScaler, unfused loss, per-parameter clipping (3.0) and EMA loops, AdamW (torch's default).
 - loss/fused and loss/unfused: `dino_loss` vs `dino_loss_ref` forward + backward at K = 65536,
@@ -39,13 +41,17 @@ def _sizes(cfg) -> list[int]:
     return [c["size"] for c in augment_params(cfg.data)["crops"]]
 
 
-def build_trainer(batch: int, smoke: bool, out_dir: str):
+def build_trainer(batch: int, smoke: bool, out_dir: str, data_dir=None):
     from fastmoco.config import load_config
     from fastmoco.train import Trainer, fill_single_process_env
 
     overrides = ["--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
-                 "--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000),
                  "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false"]
+    if data_dir is None:  # made per batch, never read: its size only sets the schedule's length
+        overrides += ["--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000)]
+    else:
+        overrides += ["--data.source", "folder", "--data.path", str(data_dir),
+                      "--data.num_threads", str(min(16, os.cpu_count() or 1))]
     cfg = load_config(str(REPO / (SMOKE_CONFIG if smoke else CONFIG)), overrides)
     with mock.patch.dict(os.environ):
         fill_single_process_env()
@@ -58,19 +64,27 @@ def _time(step, device, smoke: bool) -> dict:
     return {"ms": t.ms, "spread": t.spread, "peak_gib": peak}
 
 
-def bench_trainer(batch: int, device, smoke: bool) -> dict:
-    rec = {"section": "dino", "name": "step", "build": "trainer", "shape": f"b{batch}"}
+def bench_trainer(batch: int, device, smoke: bool, data_dir=None, build: str = "trainer") -> dict:
+    """The Trainer's step on device batches, or (data_dir) fed by its own DALI multi-crop loader."""
+    rec = {"section": "dino", "name": "step", "build": build, "shape": f"b{batch}"}
     with tempfile.TemporaryDirectory(prefix="fastmoco-dino-") as tmp:
-        trainer, cfg = build_trainer(batch, smoke, tmp)
-        crops = _crops(batch, _sizes(cfg), device, torch.bfloat16 if trainer.bf16 else torch.float32, seed=0)
+        trainer, cfg = build_trainer(batch, smoke, tmp, data_dir)
+        try:
+            if data_dir is None:
+                crops = _crops(batch, _sizes(cfg), device, torch.bfloat16 if trainer.bf16 else torch.float32, 0)
+                batches = (crops[i % ROTATE] for i in iter(int, 1))
+            else:
+                batches = (views for _ in iter(int, 1) for *views, _ in trainer.loader)
 
-        def step(i):
-            trainer.train_step(*crops[i % ROTATE])
-            trainer.step += 1
+            def step(i):
+                trainer.train_step(*next(batches))
+                trainer.step += 1
 
-        res = _time(step, device, smoke)
-        notes = f"DeepSpeed {'bf16' if trainer.bf16 else 'fp32'} ZeRO-{trainer.zero_stage}, {len(crops[0])} crops"
-        trainer.engine.destroy()
+            res = _time(step, device, smoke)
+            notes = f"DeepSpeed {'bf16' if trainer.bf16 else 'fp32'} ZeRO-{trainer.zero_stage}, " \
+                    f"{len(_sizes(cfg))} crops" + (f", DALI on {data_dir}" if data_dir is not None else "")
+        finally:
+            trainer.engine.destroy()
     ips = batch * 1e3 / res["ms"]
     return {**rec, "status": "ok", "batch": batch, "metrics": {**res, "img_per_s": ips, "notes": notes},
             "figures": {"img_per_s": ips}}
@@ -141,15 +155,38 @@ def bench_loss(batch: int, device, smoke: bool) -> list[dict]:
     return out
 
 
-def bench_dino(device, *, batch: int = 0, smoke: bool = False) -> list[dict]:
+def _free(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_dino(device, *, batch: int = 0, smoke: bool = False, data_dir=None) -> list[dict]:
     batch = batch or (4 if smoke else 64)
     recs = []
-    for fn in (bench_trainer, bench_peer):
+    builds = [("trainer", lambda: bench_trainer(batch, device, smoke)), ("peer", lambda: bench_peer(batch, device, smoke))]
+    if data_dir is not None:
+        builds.insert(1, ("e2e", lambda: bench_trainer(batch, device, smoke, data_dir, "e2e")))
+    for build, fn in builds:
+        _free(device)
         try:
-            recs.append(fn(batch, device, smoke))
+            recs.append(fn())
         except torch.OutOfMemoryError as e:
-            recs.append({"section": "dino", "name": "step", "build": fn.__name__[len("bench_"):],
-                         "status": "oom", "reason": str(e).splitlines()[0][:200]})
+            recs.append({"section": "dino", "name": "step", "build": build, "status": "oom",
+                         "reason": str(e).splitlines()[0][:200]})
+    largest = None   # the largest batch that fits, of a few doublings
+    for b in ([] if smoke else [2 * batch, 4 * batch, 8 * batch]):
+        _free(device)
+        try:
+            largest = bench_trainer(b, device, smoke, build="trainer-largest")
+        except torch.OutOfMemoryError:
+            break
+    if largest is not None:
+        recs.append(largest)
+    _free(device)
     recs += bench_loss(batch, device, smoke)
     ok = {r["build"]: r for r in recs if r["name"] == "step" and r["status"] == "ok"}
     if "trainer" in ok and "peer" in ok:
