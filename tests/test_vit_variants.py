@@ -280,7 +280,13 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     model, x, target = _model_and_batch()
     (model(x) * target).sum().backward()
     grads, stats = _state(model)
-    torch.testing.assert_close(two["grads"], grads, rtol=1e-4, atol=1e-6)
+    # fp32 sums in another order (elementwise near-cancellations): each parameter's gradient compared by
+    # norm; per-rank statistics would be off by orders of magnitude more
+    offset = 0
+    for name, p in model.named_parameters():
+        a, b = two["grads"][offset:offset + p.numel()], grads[offset:offset + p.numel()]
+        assert ((a - b).norm() / b.norm()).item() < 1e-5, name
+        offset += p.numel()
     for k, v in stats.items():
         torch.testing.assert_close(two["stats"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
