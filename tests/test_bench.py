@@ -14,9 +14,9 @@ import triton
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import flops, reference  # noqa: E402
+from bench import flops, reference, report  # noqa: E402
 
-SECTIONS = ("model", "kernels", "data", "e2e", "breakdown")
+SECTIONS = tuple(report.ENTRIES)
 
 
 # -- FLOPs ----------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ def test_smoke_run_has_every_section(tmp_path):
     out = p.stdout
     assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
     assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
-    for title in ("== model step", "== kernels", "== data pipeline", "== end to end", "== step breakdown"):
+    for title in ("== model step", "== kernels", "== data pipeline", "== end to end", "== step breakdown",
+                  "== evaluation", "== DINO"):
         line = next((ln for ln in out.splitlines() if ln.startswith(title)), None)
         assert line is not None and "SMOKE (CPU): not a measurement" in line, title
     assert "nothing compared" in out
