@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastmoco import ops
-from fastmoco.models.heads import GlobalBatchNorm1d
+from fastmoco.models.heads import GlobalBatchNorm1d, GlobalBatchNorm2d
 
 LN_EPS = 1e-6
 RECIPES = ("moco", "dino")
@@ -115,15 +115,6 @@ class TokenBatchNorm(GlobalBatchNorm1d):
         return super().forward(x.reshape(-1, x.shape[-1])).view(x.shape)
 
 
-class StemBatchNorm(GlobalBatchNorm1d):
-    """BatchNorm2d semantics over the global batch: (B, C, H, W), statistics over B*H*W*world per channel."""
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        y = super().forward(x.permute(0, 2, 3, 1).reshape(-1, c))       # (B*H*W, C)
-        return y.view(b, h, w, c).permute(0, 3, 1, 2)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, img_size: int, patch_size: int, embed_dim: int):
         super().__init__()
@@ -155,7 +146,7 @@ class ConvStem(PatchEmbed):
         c_in, c_out = 3, embed_dim // 8
         for _ in range(CONV_STEM_LAYERS):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
-                       StemBatchNorm(c_out), nn.ReLU(inplace=True)]
+                       GlobalBatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in, c_out = c_out, c_out * 2
         layers.append(nn.Conv2d(c_in, embed_dim, kernel_size=1))
         self.proj = nn.Sequential(*layers)
