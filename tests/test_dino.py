@@ -1,17 +1,15 @@
 """DINO against a straightforward implementation written here (timm backbones, torch's weight_norm, the
 loss as the paper writes it, center update and temperature schedule), on 1 and 2 gloo processes."""
 import math
-import os
-import socket
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gloo_checks import run_on_two_ranks
 from fastmoco import ops
 from fastmoco.dino import DINO, cosine_schedule, param_groups, teacher_temp_schedule
 from fastmoco.models.vit import VisionTransformer
@@ -186,9 +184,7 @@ def test_drop_path_is_per_sample_and_off_in_eval():
     assert not torch.equal(vit(x), vit(x))
 
 
-def _two_rank_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _two_rank_worker(rank, world):
     torch.manual_seed(0)
     model = DINO(**ARCH, drop_path=0.0)
     views = [v[rank * 3:(rank + 1) * 3] for v in crops(6, seed=1)]
@@ -196,19 +192,12 @@ def _two_rank_worker(rank, port, out):
     loss.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in model.student.parameters() if p.requires_grad])
     dist.all_reduce(grads)
-    grads /= 2
-    if rank == 0:
-        torch.save({"grads": grads, "center": model.center.clone(), "loss": loss.detach()}, out)
-    dist.destroy_process_group()
+    return {"grads": grads / world, "center": model.center.clone(), "loss": loss.detach()}
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path / "two.pt")), nprocs=2)
-    two = torch.load(tmp_path / "two.pt")
+    two = run_on_two_ranks(_two_rank_worker)
     torch.manual_seed(0)
     model = DINO(**ARCH, drop_path=0.0)
     loss = model(*crops(6, seed=1), m=torch.tensor(0.99), teacher_temp=0.05)

@@ -1,16 +1,14 @@
 """MoCo v3 module against an independent implementation (timm backbone, plain
 BatchNorm1d heads, the official loss), on one process and on 2 gloo processes."""
-import os
-import tempfile
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gloo_checks import moco_loss_and_grads, run_on_two_ranks
 from bench.peer import official_mlp
 from fastmoco import ops
 from fastmoco.models.vit import VIT_SIZES
@@ -152,32 +150,15 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def _rank_worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    model = make_model()
-    x1, x2 = make_batch(8)
-    n = x1.shape[0] // world
-    loss = model(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n], torch.tensor(0.99))
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    out = torch.cat([loss.detach()[None], grads])
+def _rank_worker(rank, world):
+    out = moco_loss_and_grads(make_model(), *make_batch(8), rank, world)
     dist.all_reduce(out)
-    out /= world  # what data-parallel averaging gives
-    if rank == 0:
-        torch.save(out, out_file)
-    dist.destroy_process_group()
+    return out / world  # what data-parallel averaging gives
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     """Checks key gathering, the rank-offset labels and global-batch BN together."""
-    model = make_model()
-    x1, x2 = make_batch(8)
-    loss = model(x1, x2, torch.tensor(0.99))
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    with tempfile.TemporaryDirectory() as d:
-        out_file = os.path.join(d, "out.pt")
-        mp.spawn(_rank_worker, args=(2, os.path.join(d, "init"), out_file), nprocs=2)
-        out = torch.load(out_file)
-    assert out[0].item() == pytest.approx(loss.item(), rel=1e-5)
-    assert_grad_close(out[1:], grads, "all gradients")
+    one = moco_loss_and_grads(make_model(), *make_batch(8))
+    out = run_on_two_ranks(_rank_worker)
+    assert out[0].item() == pytest.approx(one[0].item(), rel=1e-5)
+    assert_grad_close(out[1:], one[1:], "all gradients")

@@ -4,23 +4,21 @@ ranks against 1 process (BatchNorm of trunk and heads over the global batch); a 
 resumes exactly; export into torchvision. resnet18 at 32 px keeps the CPU time small: the code path is
 resnet50's (same class, same heads)."""
 import json
-import os
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from gloo_checks import moco_loss_and_grads, run_on_two_ranks
 from bench.peer import official_mlp
 from fastmoco.models.heads import GlobalBatchNorm2d
 from fastmoco.moco import MoCo
-from tests.test_moco import assert_grad_close
-from tests.test_train import COMMON, ROOT, losses, run
+from test_moco import assert_grad_close
+from test_train import COMMON, ROOT, losses, run
 
 ARCH, IMG, DIM, MLP, TAU = "resnet18", 32, 32, 48, 1.0
 R50_TINY = str(ROOT / "configs" / "r50_tiny.json")
@@ -95,36 +93,22 @@ def test_loss_and_gradients_match_independent_implementation():
     torch.testing.assert_close(model.momentum_encoder.bn1.running_mean, mom.bn1.running_mean)
 
 
-def _rank_worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _rank_worker(rank, world):
     model = make_model()
-    x1, x2 = make_batch(8)
-    n = x1.shape[0] // world
-    loss = model(x1[rank * n:(rank + 1) * n], x2[rank * n:(rank + 1) * n], torch.tensor(0.99))
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    out = torch.cat([loss.detach()[None], grads, model.base_encoder.layer2[0].bn1.running_var])
+    out = torch.cat([moco_loss_and_grads(model, *make_batch(8), rank, world),
+                     model.base_encoder.layer2[0].bn1.running_var])
     dist.all_reduce(out)
-    out /= world
-    if rank == 0:
-        torch.save(out, out_file)
-    dist.destroy_process_group()
+    return out / world
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_global_batch():
     model = make_model()
-    x1, x2 = make_batch(8)
-    loss = model(x1, x2, torch.tensor(0.99))
-    loss.backward()
-    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    with tempfile.TemporaryDirectory() as d:
-        out_file = os.path.join(d, "out.pt")
-        mp.spawn(_rank_worker, args=(2, os.path.join(d, "init"), out_file), nprocs=2)
-        out = torch.load(out_file)
-    assert out[0].item() == pytest.approx(loss.item(), rel=1e-5)
-    assert_grad_close(out[1:1 + grads.numel()], grads, "all gradients")
+    one = moco_loss_and_grads(model, *make_batch(8))
+    out = run_on_two_ranks(_rank_worker)
+    assert out[0].item() == pytest.approx(one[0].item(), rel=1e-5)
+    assert_grad_close(out[1:one.numel()], one[1:], "all gradients")
     # the trunk's running statistics come from the global batch on every rank
-    torch.testing.assert_close(out[1 + grads.numel():], model.base_encoder.layer2[0].bn1.running_var)
+    torch.testing.assert_close(out[one.numel():], model.base_encoder.layer2[0].bn1.running_var)
 
 
 def train(out, *extra):

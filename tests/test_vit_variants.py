@@ -3,18 +3,16 @@ conv stem (vit_conv_small / vit_conv_base) and patch 7 (ViT-BN-L/7), against ref
 (the official stem as timm's embed layer, BatchNorm written out), on 1 and 2 gloo processes, through
 the Trainer (train, resume) and evaluation (export, official layout, kNN)."""
 import json
-import os
-import socket
 import sys
 
 import pytest
 import timm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gloo_checks import run_on_two_ranks
 from fastmoco import ops
 from fastmoco.models.vit import VIT_SIZES, VisionTransformer
 
@@ -256,27 +254,19 @@ def _state(model):
     return grads, stats
 
 
-def _two_rank_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _two_rank_worker(rank, world):
     model, x, target = _model_and_batch()
     half = slice(rank * 3, (rank + 1) * 3)
     (model(x[half]) * target[half]).sum().backward()
     grads, stats = _state(model)
     dist.all_reduce(grads)                                                  # the loss is a sum over samples
-    if rank == 0:
-        torch.save({"grads": grads, "stats": stats}, out)
-    dist.destroy_process_group()
+    return {"grads": grads, "stats": stats}
 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     """Stem BN and ViT-BN: statistics over the global batch (both ranks' samples), gradients included."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_two_rank_worker, args=(port, str(tmp_path / "two.pt")), nprocs=2)
-    two = torch.load(tmp_path / "two.pt")
+    two = run_on_two_ranks(_two_rank_worker)
     model, x, target = _model_and_batch()
     (model(x) * target).sum().backward()
     grads, stats = _state(model)
