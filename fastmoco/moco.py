@@ -28,6 +28,7 @@ from fastmoco.momentum import MomentumState
 class MoCo(nn.Module):
     METHOD = "moco_v3"                      # fastmoco/methods.py
     MOMENTUM_MODULE = "momentum_encoder"    # what the EMA state covers (export reads it by this name)
+
     def __init__(self, arch: str = "vit_small", img_size: int = 224, dim: int = 256, mlp_dim: int = 4096,
                  tau: float = 0.2, frozen_patch_embed: bool = True, grad_checkpointing: bool = False, *,
                  patch_size: int = 0, num_heads: int = 0, mlp_norm: str = "ln"):
@@ -63,11 +64,11 @@ class MoCo(nn.Module):
 
     # The Trainer's, evaluation's and export's names for the two backbones (fastmoco/methods.py).
     @property
-    def online_backbone(self) -> VisionTransformer:
+    def online_backbone(self) -> nn.Module:
         return self.base_encoder
 
     @property
-    def momentum_backbone(self) -> VisionTransformer:
+    def momentum_backbone(self) -> nn.Module:
         return self.momentum_encoder
 
     def build_momentum_state(self, optimizer=None, rank: int = 0) -> MomentumState:
@@ -86,7 +87,7 @@ class MoCo(nn.Module):
             self.build_momentum_state()
         self.momentum_state.update(m)
 
-    def _backbone(self, encoder: VisionTransformer, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def _backbone(self, encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         if self.per_view_backbone:
             return torch.cat([encoder(x1, head=False), encoder(x2, head=False)])
         return encoder(torch.cat([x1, x2]), head=False)  # (2N, C)
