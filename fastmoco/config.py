@@ -91,6 +91,8 @@ class DataConfig:
     synthetic_size: int = 256        # samples per epoch of the synthetic source
     seed: int = 0
     max_bad_fraction: float = 0.01   # refuse the run when more of the files than this are unusable
+    verify_images: bool = False      # decode every file once with PIL before training: names and skips
+                                     # JPEGs damaged inside, which DALI's decoder would train on
 
 
 @dataclass

@@ -40,7 +40,8 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
         raise ValueError(f"data.source must be 'folder' or 'synthetic', got {cfg.source!r}")
     if cfg.backend not in ("dali", "torchvision"):
         raise ValueError(f"data.backend must be 'dali' or 'torchvision', got {cfg.backend!r}")
-    samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction)
+    samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
+                                verify=cfg.verify_images)
     kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
                   dtype=dtype, train=train)
     if cfg.backend == "dali":

@@ -1,6 +1,7 @@
 """Issue 14: no run destroyed, no run stuck, no silent damage. Each test replays one repro of the
 issue on the CPU (tiny config, synthetic data unless the item is about files); kills happen at
 named moments (a hook in tests/train_worker.py, or a signal sent once a worker says it waits)."""
+import dataclasses
 import io
 import json
 import os
@@ -521,3 +522,16 @@ def test_11_rng_state_round_trips_through_weights_only(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     got = (random.random(), np.random.standard_normal(), torch.rand(3))
     assert got[0] == expect[0] and got[1] == expect[1] and torch.equal(got[2], expect[2])
+
+
+def test_3_verify_images_names_and_skips_a_jpeg_damaged_inside_before_training(tmp_path):
+    """DALI decodes some damaged JPEGs without failing: `data.verify_images` finds them up front."""
+    from fastmoco.config import DataConfig
+    from fastmoco.pipelines import BadImageWarning, build_loader
+    _jpeg_folder(tmp_path, 6, seed=7)
+    _damage_middle(tmp_path / "a" / "4.jpg")
+    cfg = DataConfig(path=str(tmp_path), backend="torchvision", image_size=16, num_threads=0, max_bad_fraction=0.5)
+    assert build_loader(cfg, batch_size=2).num_samples == 6          # the cheap checks pass it
+    with pytest.warns(BadImageWarning, match=r"4\.jpg: does not decode"):
+        loader = build_loader(dataclasses.replace(cfg, verify_images=True), batch_size=2)
+    assert loader.num_samples == 5
