@@ -140,13 +140,14 @@ def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: tor
 
 
 def lars_(params: list[torch.Tensor], grads: list[torch.Tensor], mus: list[torch.Tensor], *, lr: float,
-          weight_decay: float, momentum: float, trust_coefficient: float) -> None:
+          weight_decay: float, momentum: float, trust_coefficient: float, pieces=None) -> None:
     """One LARS step (MoCo v3's official rule, kernels/lars.py) over the lists, in place: the kernel's
-    three launches on CUDA (or under the interpreter when "on"), else the per-parameter reference."""
-    if not params:
+    three launches on CUDA (or under the interpreter when "on"), else the per-parameter reference.
+    `pieces` (kernels/lars.py `Pieces`): the tensors are parts of parameters (ZeRO-1/2 partitions)."""
+    if not params and pieces is None:
         return
     from fastmoco.kernels import lars as module
 
-    fn = module.lars_ if use_fused("lars", params[0]) else module.lars_ref_
+    fn = module.lars_ if use_fused("lars", params[0] if params else pieces.sums) else module.lars_ref_
     fn(params, grads, mus, lr=lr, weight_decay=weight_decay, momentum=momentum,
-       trust_coefficient=trust_coefficient)
+       trust_coefficient=trust_coefficient, pieces=pieces)

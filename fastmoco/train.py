@@ -34,7 +34,7 @@ from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.methods import get_method
-from fastmoco.optim import build_optimizer
+from fastmoco.optim import LARS, build_optimizer
 from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
 
@@ -153,6 +153,8 @@ class Trainer:
         optimizer = build_optimizer(cfg.optim, self.method.param_groups(model, cfg), lr=self.lrs[0],
                                     use_cuda=self.use_cuda, zero_stage=self.zero_stage)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
+        if isinstance(optimizer, LARS):  # ZeRO-1/2 step it on flat partitions: where each parameter lies
+            optimizer.locate_partitions(self.optimizer)
         self.model = self.engine.module
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
         # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.

@@ -107,25 +107,101 @@ def test_optimizer_steps_like_the_official_one_and_skips_parameters_without_grad
                                           for p in model.parameters() if p.requires_grad)
 
 
-def test_flat_partitions_are_refused_naming_the_stage():
+def flat_layout(shapes, align, partition):
+    """Where a ZeRO-1/2-like wrapper puts each parameter in its flat buffer (each parameter padded to a
+    multiple of `align` elements, the buffer to 2 partitions of `partition` elements), written out here
+    independently of fastmoco/optim.py."""
+    offsets, off = [], 0
+    for s in shapes:
+        offsets.append(off)
+        off += -(-math.prod(s) // align) * align
+    assert off <= 2 * partition
+    return offsets
+
+
+def pieces_of_rank(shapes, offsets, partition, rank):
+    """(start in the partition, length, parameter index) of each parameter's part inside rank's slice."""
+    lo, out = rank * partition, []
+    for n, (s, off) in enumerate(zip(shapes, offsets)):
+        a, b = max(off, lo), min(off + math.prod(s), lo + partition)
+        if a < b:
+            out.append((a - lo, b - a, n))
+    return out
+
+
+def _pieces_worker(rank, world, fn_name, shapes, partition, steps):
+    import torch.distributed as dist
+
+    from fastmoco.kernels import lars as module
+    from fastmoco.kernels.lars import Pieces
+
+    fn = getattr(module, fn_name)
+    offsets = flat_layout(shapes, 4, partition)
+    params, _, mus = random_lists(shapes, 0)
+    flat = torch.full((2 * partition,), 7.0)  # padding: must stay as it is
+    mflat = torch.full((2 * partition,), 7.0)
+    for off, p, mu in zip(offsets, params, mus):
+        flat[off:off + p.numel()] = p.flatten()
+        mflat[off:off + p.numel()] = mu.flatten()
+    part, mpart = flat[rank * partition:(rank + 1) * partition].clone(), mflat[rank * partition:(rank + 1) * partition].clone()
+    mine = pieces_of_rank(shapes, offsets, partition, rank)
+    pieces = Pieces(tuple(n for _, _, n in mine), tuple(len(s) > 1 for s in shapes),
+                    torch.full((2, len(shapes)), float("nan")), dist.all_reduce)
+    for step in range(steps):
+        _, grads, _ = random_lists(shapes, 100 + step)
+        gflat = torch.full((2 * partition,), float("nan"))
+        for off, g in zip(offsets, grads):
+            gflat[off:off + g.numel()] = g.flatten()
+        grad = gflat[rank * partition:(rank + 1) * partition].clone()
+        fn([part[a:a + n] for a, n, _ in mine], [grad[a:a + n] for a, n, _ in mine],
+           [mpart[a:a + n] for a, n, _ in mine], pieces=pieces, **HP)
+    both = [torch.empty_like(part) for _ in range(world)], [torch.empty_like(mpart) for _ in range(world)]
+    dist.all_gather(both[0], part)
+    dist.all_gather(both[1], mpart)
+    return torch.cat(both[0]), torch.cat(both[1])
+
+
+@pytest.mark.parametrize("fn_name", ["lars_", "lars_ref_"], ids=["kernel", "reference"])
+@pytest.mark.parametrize("partition", [12000, 40000], ids=["split-mid-parameter", "rank1-holds-only-padding"])
+def test_pieces_on_two_ranks_equal_the_official_rule_on_whole_tensors(fn_name, partition):
+    """ZeRO-1/2's layout: each rank steps its slice of a flat buffer; parameters cut at the partition
+    boundary take the norms of the whole parameter (one all-reduce); the padding is left alone."""
+    from gloo_checks import run_on_two_ranks
+
+    offsets = flat_layout(SHAPES, 4, partition)
+    assert offsets[4] < 12000 < offsets[5] - 4  # the first layout cuts the (5, BLOCK//3+2) weight in two
+    flat, mflat = run_on_two_ranks(_pieces_worker, fn_name, SHAPES, partition, 3)
+    want_p, want_mu = run_steps(independent, SHAPES, 3, **HP)
+    covered = torch.zeros(2 * partition, dtype=torch.bool)
+    for s, off, p, mu in zip(SHAPES, offsets, want_p, want_mu):
+        n = p.numel()
+        torch.testing.assert_close(flat[off:off + n].view(s), p, rtol=1e-5, atol=1e-5, msg=lambda m: f"param {s}: {m}")
+        torch.testing.assert_close(mflat[off:off + n].view(s), mu, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"momentum {s}: {m}")
+        covered[off:off + n] = True
+    assert (flat[~covered] == 7.0).all() and (mflat[~covered] == 7.0).all()
+
+
+def test_unlocated_flat_partitions_are_refused_naming_the_stage():
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = LARS([p], lr=0.1)
     flat = torch.nn.Parameter(torch.randn(12))  # what a ZeRO wrapper puts in the group
     opt.param_groups[0]["params"] = [flat]
     flat.grad = torch.randn(12)
-    with pytest.raises(ValueError, match="zero_optimization.stage 0"):
+    with pytest.raises(ValueError, match="locate_partitions"):
         opt.step()
 
 
-def test_config_choice_and_zero_refusal():
+def test_config_choice_and_zero3_refusal():
     from fastmoco.config import ConfigError, load_config
 
     cfg = load_config(None, ["--optim.name", "lars", "--optim.weight_decay", "1e-6"])
     p = torch.nn.Parameter(torch.randn(3, 3))
     opt = build_optimizer(cfg.optim, [{"params": [p]}], lr=0.1, use_cuda=False, zero_stage=0)
     assert isinstance(opt, LARS) and opt.param_groups[0]["momentum"] == 0.9
-    with pytest.raises(ConfigError, match="stage 0, got 2"):
-        build_optimizer(cfg.optim, [{"params": [p]}], lr=0.1, use_cuda=False, zero_stage=2)
+    assert isinstance(build_optimizer(cfg.optim, [{"params": [p]}], lr=0.1, use_cuda=False, zero_stage=2), LARS)
+    with pytest.raises(ConfigError, match="stage 0, 1 or 2, got 3"):
+        build_optimizer(cfg.optim, [{"params": [p]}], lr=0.1, use_cuda=False, zero_stage=3)
     cfg.optim.name = "sgd"
     with pytest.raises(ConfigError, match="'sgd' unknown"):
         build_optimizer(cfg.optim, [{"params": [p]}], lr=0.1, use_cuda=False, zero_stage=0)
@@ -145,15 +221,16 @@ def test_kernels_compile_for_hopper_without_spills():
              "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "part_ptr": "*fp32", "wd": "fp32",
                       "T": "i32", "B_a": "i32"},
              "constexprs": {"BLOCK": BLOCK}, "divisible_by_16": [], "num_warps": 8, "num_stages": 3}
-    ratio = {"module": mod, "kernel": "_lars_ratio_kernel",
-             "args": {"part_ptr": "*fp32", "red_tab": "*i64", "ratio_ptr": "*fp32", "trust": "fp32", "T_a": "i32",
+    sumsq = {"module": mod, "kernel": "_lars_sumsq_kernel",
+             "args": {"part_ptr": "*fp32", "red_tab": "*i64", "sq_ptr": "*fp32", "N": "i32", "N_a": "i32",
                       "B_a": "i32"},
              "constexprs": {"RBLOCK": 1024}, "divisible_by_16": [], "num_warps": 4, "num_stages": 3}
     apply = {"module": mod, "kernel": "_lars_apply_kernel",
-             "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "ratio_ptr": "*fp32",
-                      "wdmask_ptr": "*fp32", "lr": "fp32", "wd": "fp32", "momentum": "fp32", "T": "i32", "B": "i32"},
+             "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "owner_tab": "*i64",
+                      "sq_ptr": "*fp32", "adapt_ptr": "*fp32", "lr": "fp32", "wd": "fp32", "momentum": "fp32",
+                      "trust": "fp32", "T": "i32", "N": "i32", "B": "i32"},
              "constexprs": {"BLOCK": BLOCK}, "divisible_by_16": [], "num_warps": 8, "num_stages": 3}
-    for label, result in zip(("norms", "ratio", "apply"), compile_for_hopper([norms, ratio, apply])):
+    for label, result in zip(("norms", "sumsq", "apply"), compile_for_hopper([norms, sumsq, apply])):
         assert_fits_hopper(f"lars {label}", result)
 
 
