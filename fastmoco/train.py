@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         raise SystemExit(f"fastmoco: interrupted twice; not saved. Last checkpoint: {trainer.last_checkpoint}") \
             from None
+    finally:
+        # An orderly end of the process group: left to interpreter exit, its backend threads were
+        # seen to abort the process ("terminate called without an active exception") after a save.
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
