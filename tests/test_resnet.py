@@ -18,7 +18,7 @@ from bench.peer import official_mlp
 from fastmoco.models.heads import GlobalBatchNorm2d
 from fastmoco.moco import MoCo
 from test_moco import assert_grad_close
-from test_train import COMMON, ROOT, losses, run
+from test_train import COMMON, ROOT, WORKER, free_port, losses, run
 
 ARCH, IMG, DIM, MLP, TAU = "resnet18", 32, 32, 48, 1.0
 R50_TINY = str(ROOT / "configs" / "r50_tiny.json")
@@ -134,6 +134,49 @@ def test_tiny_r50_config_trains_with_lars_and_resumes_exactly(r50_run, tmp_path)
     for s in one:
         assert two[s] == one[s], (s, two[s], one[s])
     assert one[6] != one[5]
+
+
+# Updates large enough that a wrong trust ratio on any parameter shows in the weights after 3 steps
+# (the recipe's lr x trust moves a weight by ~1e-5 of its norm per step: inside fp32 noise).
+LOUD_LARS = ["--optim.base_lr", "5.0", "--optim.trust_coefficient", "0.01", "--schedule.max_steps", "3"]
+
+
+def train_worker(out, nproc, *extra):
+    launch = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", free_port()]
+    return run([*launch, WORKER, "fit", str(out / "dump.pt"), R50_TINY, "--logging.out_dir", str(out), *COMMON,
+                "--deepspeed.train_micro_batch_size_per_gpu", str(8 // nproc), *LOUD_LARS, *extra])
+
+
+@pytest.fixture(scope="module")
+def r50_one_process(tmp_path_factory):
+    """ZeRO-0, one process, micro batch 8, LARS by the official per-parameter loop (CPU: the reference)."""
+    out = tmp_path_factory.mktemp("r50_zero0")
+    train_worker(out, 1)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lars_under_zero_on_two_processes_equals_one_process(r50_one_process, tmp_path, stage):
+    """ZeRO-1/2 step LARS on each rank's slice of the flat fp32 buffer: losses per step and both encoders'
+    weights after 3 steps equal one ZeRO-0 process on the same global batch."""
+    train_worker(tmp_path, 2, "--deepspeed.zero_optimization.stage", str(stage))
+    one, two = losses(r50_one_process), losses(tmp_path)
+    assert sorted(two) == sorted(one) == [1, 2, 3] and one[3] != one[2]
+    for s in two:
+        assert two[s] == pytest.approx(one[s], rel=1e-5), (s, two[s], one[s])
+    a, b = torch.load(r50_one_process / "dump.pt"), torch.load(tmp_path / "dump.pt")
+    torch.manual_seed(0)  # configs/r50_tiny.json's seed and model: the Trainer's initial weights
+    start = dict(MoCo(ARCH, img_size=IMG, dim=32, mlp_dim=64, tau=TAU).base_encoder.named_parameters())
+    moved = 0.0
+    for enc in ("online", "momentum"):
+        assert a[enc].keys() == b[enc].keys() and len(a[enc]) > 60
+        for n in a[enc]:
+            torch.testing.assert_close(b[enc][n], a[enc][n], rtol=1e-4, atol=1e-6, msg=lambda m: f"{enc} {n}: {m}")
+            if enc == "online" and n in start and start[n].ndim > 1:
+                moved = max(moved, ((a[enc][n] - start[n]).norm() / start[n].norm()).item())
+    assert 1e-3 < moved < 0.1, moved  # the updates are not lost in the tolerance
 
 
 @pytest.mark.slow
