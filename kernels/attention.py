@@ -54,8 +54,9 @@ from .tuner import Tuner, fwd_bwd_launch, kernel_or_torch
 
 
 @triton.jit
-def _load_tile(base, rows, mask_rows, cols, mask_cols, stride_n, stride_c, IS_INTERPRETER: tl.constexpr):
-    """(len(rows), len(cols)) tile of base[row * stride_n + col * stride_c]; fp32 under the interpreter."""
+def _load_tile(view, rows, mask_rows, cols, mask_cols, IS_INTERPRETER: tl.constexpr):
+    """(len(rows), len(cols)) tile of a (base, row stride, column stride) view; fp32 under the interpreter."""
+    base, stride_n, stride_c = view
     t = tl.load(base + rows[:, None] * stride_n + (cols * stride_c)[None, :],
                 mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
     if IS_INTERPRETER:
@@ -64,9 +65,100 @@ def _load_tile(base, rows, mask_rows, cols, mask_cols, stride_n, stride_c, IS_IN
 
 
 @triton.jit
-def _store_tile(base, value, rows, mask_rows, cols, mask_cols, stride_n, stride_c, IS_INTERPRETER: tl.constexpr):
+def _store_tile(view, value, rows, mask_rows, cols, mask_cols, IS_INTERPRETER: tl.constexpr):
+    base, stride_n, stride_c = view
     tl.store(base + rows[:, None] * stride_n + (cols * stride_c)[None, :],
              cast_rtne(value, base.dtype.element_ty, IS_INTERPRETER), mask=mask_rows[:, None] & mask_cols[None, :])
+
+
+# A head's D features travel as a pair (main, tail): main the (rows, BLOCK_D) tile of its first
+# BLOCK_D features, tail the (rows, TAIL_D) tile of the rest when the head dim is split (D = 80:
+# 64 + 16; a constexpr 0 stands in when TAIL_D = 0). Each helper below does one operation on both
+# halves, so the kernels read as one algorithm; Triton inlines them and TAIL_D is constexpr.
+
+
+@triton.jit
+def _load_head(view, feat, rows, mask_rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr, IS_INTERPRETER: tl.constexpr):
+    """(main, tail) of features feat .. feat + HEAD_DIM of `rows`."""
+    offs_d = tl.arange(0, BLOCK_D)
+    main = _load_tile(view, rows, mask_rows, feat + offs_d, offs_d < HEAD_DIM, IS_INTERPRETER)
+    tail = tl.constexpr(0)
+    if TAIL_D > 0:
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        tail = _load_tile(view, rows, mask_rows, feat + offs_t, offs_t < HEAD_DIM, IS_INTERPRETER)
+    return main, tail
+
+
+@triton.jit
+def _load_heads(view_a, feat_a, view_b, feat_b, rows, mask_rows,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr, IS_INTERPRETER: tl.constexpr):
+    """(a, a_tail, b, b_tail): two heads of the same rows, as `_load_head` twice but both main tiles
+    first (split configs compiled for sm_90 take up to 8 more registers with a, a_tail, b, b_tail)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    a = _load_tile(view_a, rows, mask_rows, feat_a + offs_d, offs_d < HEAD_DIM, IS_INTERPRETER)
+    b = _load_tile(view_b, rows, mask_rows, feat_b + offs_d, offs_d < HEAD_DIM, IS_INTERPRETER)
+    a_tail = tl.constexpr(0)
+    b_tail = tl.constexpr(0)
+    if TAIL_D > 0:
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        a_tail = _load_tile(view_a, rows, mask_rows, feat_a + offs_t, offs_t < HEAD_DIM, IS_INTERPRETER)
+        b_tail = _load_tile(view_b, rows, mask_rows, feat_b + offs_t, offs_t < HEAD_DIM, IS_INTERPRETER)
+    return a, a_tail, b, b_tail
+
+
+@triton.jit
+def _store_head(view, feat, main, tail, rows, mask_rows,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr, IS_INTERPRETER: tl.constexpr):
+    """Stores (main, tail) as features feat .. feat + HEAD_DIM of `rows`."""
+    offs_d = tl.arange(0, BLOCK_D)
+    _store_tile(view, main, rows, mask_rows, feat + offs_d, offs_d < HEAD_DIM, IS_INTERPRETER)
+    if TAIL_D > 0:
+        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+        _store_tile(view, tail, rows, mask_rows, feat + offs_t, offs_t < HEAD_DIM, IS_INTERPRETER)
+
+
+@triton.jit
+def _zeros_head(ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_D: tl.constexpr):
+    """An fp32 (main, tail) of zeros: an accumulator."""
+    tail = tl.constexpr(0)
+    if TAIL_D > 0:
+        tail = tl.zeros([ROWS, TAIL_D], tl.float32)
+    return tl.zeros([ROWS, BLOCK_D], tl.float32), tail
+
+
+@triton.jit
+def _mul_head(x, x_tail, factor, TAIL_D: tl.constexpr):
+    """(x * factor, x_tail * factor)."""
+    if TAIL_D > 0:
+        x_tail = x_tail * factor
+    return x * factor, x_tail
+
+
+@triton.jit
+def _div_head(x, x_tail, divisor, TAIL_D: tl.constexpr):
+    """(x / divisor, x_tail / divisor)."""
+    if TAIL_D > 0:
+        x_tail = x_tail / divisor
+    return x / divisor, x_tail
+
+
+@triton.jit
+def _dot_head(a, a_tail, b, b_tail, TAIL_D: tl.constexpr):
+    """a b^T over the whole head dim (the dots of both halves summed): (rows of a, rows of b) fp32."""
+    s = tl.dot(a, tl.trans(b))
+    if TAIL_D > 0:
+        s += tl.dot(a_tail, tl.trans(b_tail))
+    return s
+
+
+@triton.jit
+def _acc_dot_head(acc, acc_tail, p, b, b_tail, TAIL_D: tl.constexpr):
+    """(acc + p b, acc_tail + p b_tail): fp32 p (rows, K), cast to b's dtype, times a (K, head dim) pair."""
+    acc += tl.dot(p.to(b.dtype), b)
+    if TAIL_D > 0:
+        acc_tail += tl.dot(p.to(b_tail.dtype), b_tail)
+    return acc, acc_tail
 
 
 @triton.jit
@@ -89,49 +181,34 @@ def _attention_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
-    mask_d = offs_d < HEAD_DIM
-    qkv = qkv_ptr + b * stride_qkv_b
-    o = o_ptr + b * stride_o_b
+    # batch b's (N, features) as (base, row stride, feature stride) views
+    qkv = (qkv_ptr + b * stride_qkv_b, stride_qkv_n, stride_qkv_c)
+    o = (o_ptr + b * stride_o_b, stride_o_n, stride_o_c)
     # q, k, v of head h inside a token's 3*H*D features
     q_feat, k_feat, v_feat = h * HEAD_DIM, (H + h) * HEAD_DIM, (2 * H + h) * HEAD_DIM
 
-    q = _load_tile(qkv, offs_m, mask_m, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if TAIL_D > 0:  # the head dim's last HEAD_DIM - BLOCK_D features (D = 80: 64 + 16)
-        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
-        mask_t = offs_t < HEAD_DIM
-        q_t = _load_tile(qkv, offs_m, mask_m, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        acc_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
+    q, q_t = _load_head(qkv, q_feat, offs_m, mask_m, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
+    acc, acc_t = _zeros_head(BLOCK_M, BLOCK_D, TAIL_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scaled scores
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m_i)
     for start_n in range(0, N, BLOCK_N):
         cur_n = start_n + offs_n
         mask_n = cur_n < N
-        k = _load_tile(qkv, cur_n, mask_n, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        v = _load_tile(qkv, cur_n, mask_n, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
-        if TAIL_D > 0:
-            k_t = _load_tile(qkv, cur_n, mask_n, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-            v_t = _load_tile(qkv, cur_n, mask_n, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-            s += tl.dot(q_t, tl.trans(k_t))
+        k, k_t, v, v_t = _load_heads(qkv, k_feat, qkv, v_feat, cur_n, mask_n, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
+        s = _dot_head(q, q_t, k, k_t, TAIL_D)  # (BLOCK_M, BLOCK_N) fp32
         # Every key block holds at least one real key, so m_new stays finite.
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        if TAIL_D > 0:
-            acc_t = acc_t * alpha[:, None] + tl.dot(p.to(v_t.dtype), v_t)
+        acc, acc_t = _mul_head(acc, acc_t, alpha[:, None], TAIL_D)
+        acc, acc_t = _acc_dot_head(acc, acc_t, p, v, v_t, TAIL_D)
         m_i = m_new
 
-    o_feat = h * HEAD_DIM
-    _store_tile(o, acc / l_i[:, None], offs_m, mask_m, o_feat + offs_d, mask_d, stride_o_n, stride_o_c, IS_INTERPRETER)
-    if TAIL_D > 0:
-        _store_tile(o, acc_t / l_i[:, None], offs_m, mask_m, o_feat + offs_t, mask_t, stride_o_n, stride_o_c,
-                    IS_INTERPRETER)
+    acc, acc_t = _div_head(acc, acc_t, l_i[:, None], TAIL_D)
+    _store_head(o, h * HEAD_DIM, acc, acc_t, offs_m, mask_m, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
     tl.store(lse_ptr + pid_bh * N + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
@@ -182,107 +259,62 @@ def _attention_bwd_kernel(
     pid_own = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
-    qkv = qkv_ptr + b * stride_qkv_b
-    do_base = do_ptr + b * stride_do_b
-    dqkv = dqkv_ptr + b * stride_dqkv_b
+    # batch b's (N, features) as (base, row stride, feature stride) views
+    qkv = (qkv_ptr + b * stride_qkv_b, stride_qkv_n, stride_qkv_c)
+    do_view = (do_ptr + b * stride_do_b, stride_do_n, stride_do_c)
+    dqkv = (dqkv_ptr + b * stride_dqkv_b, stride_dqkv_n, stride_dqkv_c)
     lse_row = lse_ptr + pid_bh * N
     delta_row = delta_ptr + pid_bh * N
 
     offs_own = pid_own * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_step = tl.arange(0, BLOCK_STEP)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_own = offs_own < N
-    mask_d = offs_d < HEAD_DIM
-    if TAIL_D > 0:  # the head dim's last HEAD_DIM - BLOCK_D features (D = 80: 64 + 16)
-        offs_t = BLOCK_D + tl.arange(0, TAIL_D)
-        mask_t = offs_t < HEAD_DIM
     # q, k, v of head h inside a token's 3*H*D features; dO of head h inside its H*D
     q_feat, k_feat, v_feat = h * HEAD_DIM, (H + h) * HEAD_DIM, (2 * H + h) * HEAD_DIM
     do_feat = h * HEAD_DIM
 
     # Pass 1: dK, dV for the keys of this block, over all queries.
-    k = _load_tile(qkv, offs_own, mask_own, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-    v = _load_tile(qkv, offs_own, mask_own, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-    dk = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
-    if TAIL_D > 0:
-        k_t = _load_tile(qkv, offs_own, mask_own, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        v_t = _load_tile(qkv, offs_own, mask_own, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        dk_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
-        dv_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
+    k, k_t, v, v_t = _load_heads(qkv, k_feat, qkv, v_feat, offs_own, mask_own,
+                                 HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
+    dk, dk_t = _zeros_head(BLOCK_OWN, BLOCK_D, TAIL_D)
+    dv, dv_t = _zeros_head(BLOCK_OWN, BLOCK_D, TAIL_D)
     for start_m in range(0, N, BLOCK_STEP):
         cur_m = start_m + offs_step
         mask_m = cur_m < N
-        # (BLOCK_STEP, BLOCK_D) each
-        q_s = _load_tile(qkv, cur_m, mask_m, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        do_s = _load_tile(do_base, cur_m, mask_m, do_feat + offs_d, mask_d, stride_do_n, stride_do_c, IS_INTERPRETER)
+        q_s, q_st, do_s, do_st = _load_heads(qkv, q_feat, do_view, do_feat, cur_m, mask_m,
+                                             HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)  # (BLOCK_STEP, head dim)
         lse = tl.load(lse_row + cur_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_row + cur_m, mask=mask_m, other=0.0)
-        s_t = tl.dot(k, tl.trans(q_s))  # (BLOCK_OWN, BLOCK_STEP) = S^T
-        if TAIL_D > 0:
-            q_st = _load_tile(qkv, cur_m, mask_m, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
-                              IS_INTERPRETER)
-            do_st = _load_tile(do_base, cur_m, mask_m, do_feat + offs_t, mask_t, stride_do_n, stride_do_c,
-                               IS_INTERPRETER)
-            s_t += tl.dot(k_t, tl.trans(q_st))
+        s_t = _dot_head(k, k_t, q_s, q_st, TAIL_D)  # (BLOCK_OWN, BLOCK_STEP) = S^T
         # Padded queries need no mask: q = dO = lse = delta = 0 there, so P^T = 1 meets dO = 0 and dS^T = 0.
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
-        dv += tl.dot(p_t.to(do_s.dtype), do_s)
-        dp_t = tl.dot(v, tl.trans(do_s))
-        if TAIL_D > 0:
-            dv_t += tl.dot(p_t.to(do_st.dtype), do_st)
-            dp_t += tl.dot(v_t, tl.trans(do_st))
+        dv, dv_t = _acc_dot_head(dv, dv_t, p_t, do_s, do_st, TAIL_D)
+        dp_t = _dot_head(v, v_t, do_s, do_st, TAIL_D)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_s.dtype), q_s)
-        if TAIL_D > 0:
-            dk_t += tl.dot(ds_t.to(q_st.dtype), q_st)
-    _store_tile(dqkv, dk * sm_scale, offs_own, mask_own, k_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c,
-                IS_INTERPRETER)
-    _store_tile(dqkv, dv, offs_own, mask_own, v_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c, IS_INTERPRETER)
-    if TAIL_D > 0:
-        _store_tile(dqkv, dk_t * sm_scale, offs_own, mask_own, k_feat + offs_t, mask_t, stride_dqkv_n,
-                    stride_dqkv_c, IS_INTERPRETER)
-        _store_tile(dqkv, dv_t, offs_own, mask_own, v_feat + offs_t, mask_t, stride_dqkv_n, stride_dqkv_c,
-                    IS_INTERPRETER)
+        dk, dk_t = _acc_dot_head(dk, dk_t, ds_t, q_s, q_st, TAIL_D)
+    dk, dk_t = _mul_head(dk, dk_t, sm_scale, TAIL_D)
+    _store_head(dqkv, k_feat, dk, dk_t, offs_own, mask_own, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
+    _store_head(dqkv, v_feat, dv, dv_t, offs_own, mask_own, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
 
     # Pass 2: dQ for the queries of this block, over all keys.
-    q = _load_tile(qkv, offs_own, mask_own, q_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-    do = _load_tile(do_base, offs_own, mask_own, do_feat + offs_d, mask_d, stride_do_n, stride_do_c, IS_INTERPRETER)
-    dq = tl.zeros([BLOCK_OWN, BLOCK_D], tl.float32)
-    if TAIL_D > 0:
-        q_t = _load_tile(qkv, offs_own, mask_own, q_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        do_t = _load_tile(do_base, offs_own, mask_own, do_feat + offs_t, mask_t, stride_do_n, stride_do_c,
-                          IS_INTERPRETER)
-        dq_t = tl.zeros([BLOCK_OWN, TAIL_D], tl.float32)
+    q, q_t, do, do_t = _load_heads(qkv, q_feat, do_view, do_feat, offs_own, mask_own,
+                                   HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
+    dq, dq_t = _zeros_head(BLOCK_OWN, BLOCK_D, TAIL_D)
     lse = tl.load(lse_row + offs_own, mask=mask_own, other=0.0)
     delta = tl.load(delta_row + offs_own, mask=mask_own, other=0.0)
     for start_n in range(0, N, BLOCK_STEP):
         cur_n = start_n + offs_step
         mask_n = cur_n < N
-        # (BLOCK_STEP, BLOCK_D) each
-        k_s = _load_tile(qkv, cur_n, mask_n, k_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        v_s = _load_tile(qkv, cur_n, mask_n, v_feat + offs_d, mask_d, stride_qkv_n, stride_qkv_c, IS_INTERPRETER)
-        s = tl.dot(q, tl.trans(k_s))  # (BLOCK_OWN, BLOCK_STEP)
-        if TAIL_D > 0:
-            k_st = _load_tile(qkv, cur_n, mask_n, k_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
-                              IS_INTERPRETER)
-            v_st = _load_tile(qkv, cur_n, mask_n, v_feat + offs_t, mask_t, stride_qkv_n, stride_qkv_c,
-                              IS_INTERPRETER)
-            s += tl.dot(q_t, tl.trans(k_st))
+        k_s, k_st, v_s, v_st = _load_heads(qkv, k_feat, qkv, v_feat, cur_n, mask_n,
+                                           HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)  # (BLOCK_STEP, head dim)
+        s = _dot_head(q, q_t, k_s, k_st, TAIL_D)  # (BLOCK_OWN, BLOCK_STEP)
         p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(mask_n[None, :], p, 0.0)  # padded keys: k = 0 gives exp2(-lse), inf for extreme lse
-        dp = tl.dot(do, tl.trans(v_s))
-        if TAIL_D > 0:
-            dp += tl.dot(do_t, tl.trans(v_st))
+        dp = _dot_head(do, do_t, v_s, v_st, TAIL_D)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_s.dtype), k_s)
-        if TAIL_D > 0:
-            dq_t += tl.dot(ds.to(k_st.dtype), k_st)
-    _store_tile(dqkv, dq * sm_scale, offs_own, mask_own, q_feat + offs_d, mask_d, stride_dqkv_n, stride_dqkv_c,
-                IS_INTERPRETER)
-    if TAIL_D > 0:
-        _store_tile(dqkv, dq_t * sm_scale, offs_own, mask_own, q_feat + offs_t, mask_t, stride_dqkv_n,
-                    stride_dqkv_c, IS_INTERPRETER)
+        dq, dq_t = _acc_dot_head(dq, dq_t, ds, k_s, k_st, TAIL_D)
+    dq, dq_t = _mul_head(dq, dq_t, sm_scale, TAIL_D)
+    _store_head(dqkv, q_feat, dq, dq_t, offs_own, mask_own, HEAD_DIM, BLOCK_D, TAIL_D, IS_INTERPRETER)
 
 
 # Hopper-oriented candidates for ViT sequences (N <= 257: one to five key blocks), chosen
