@@ -98,6 +98,13 @@ def _load_q_tile(qa_ptr, qb_ptr, pair, rows, cols, N, C, stride_q, eps, IS_INTER
 
 
 @triton.jit
+def _split_keys(split, keys_per_split, M):
+    """The keys [begin, end) that the programs of `split` (grid axis 1) stream."""
+    k_begin = split * keys_per_split
+    return k_begin, tl.minimum(k_begin + keys_per_split, M)
+
+
+@triton.jit
 def _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k,
                  IS_FP32: tl.constexpr, IS_INTERPRETER: tl.constexpr):
     """(BLOCK_M, BLOCK_N) logits * log2(e) against one key tile (-inf past M) and that raw tile."""
@@ -145,8 +152,7 @@ def _contrastive_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pos = tl.zeros([BLOCK_M], tl.float32)
-    k_begin = split * keys_per_split
-    k_end = tl.minimum(k_begin + keys_per_split, M)
+    k_begin, k_end = _split_keys(split, keys_per_split, M)
     for start in range(k_begin, k_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, IS_INTERPRETER)
@@ -224,8 +230,7 @@ def _contrastive_bwd_kernel(
     lse = tl.load(lse_ptr + pair * N + rows, mask=rmask, other=0.0)
 
     acc = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)  # sum_j (P - Y)_ij rk_j k_j
-    k_begin = split * keys_per_split
-    k_end = tl.minimum(k_begin + keys_per_split, M)
+    k_begin, k_end = _split_keys(split, keys_per_split, M)
     for start in range(k_begin, k_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         s, k, rk = _logits_tile(q, k_ptr, rk_ptr, row_scale, keys, cols, M, C, stride_k, IS_FP32, IS_INTERPRETER)

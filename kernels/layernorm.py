@@ -42,6 +42,22 @@ from .tuner import Tuner, fwd_bwd_launch, kernel_or_torch
 
 
 @triton.jit
+def _strip(rows_per_program, M):
+    """The rows [row_start, row_end) of this program's strip."""
+    row_start = tl.program_id(0) * rows_per_program
+    return row_start, tl.minimum(row_start + rows_per_program, M)
+
+
+@triton.jit
+def _row_tile(start, row_end, mask_c, BLOCK_ROWS: tl.constexpr):
+    """The tile of BLOCK_ROWS rows at `start`: int64 row indices, their mask and the (rows, C) mask."""
+    rows = start + tl.arange(0, BLOCK_ROWS)
+    mask_r = rows < row_end
+    mask = mask_r[:, None] & mask_c[None, :]
+    return rows.to(tl.int64), mask_r, mask
+
+
+@triton.jit
 def _layernorm_fwd_kernel(
     x_ptr,  # (M, C), row stride stride_x
     branch_ptr,  # (M, C) residual branch (HAS_BRANCH)
@@ -59,13 +75,9 @@ def _layernorm_fwd_kernel(
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
 
-    row_start = tl.program_id(0) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_start, row_end = _strip(rows_per_program, M)
     for start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        mask_r = rows < row_end
-        mask = mask_r[:, None] & mask_c[None, :]
-        rows = rows.to(tl.int64)
+        rows, mask_r, mask = _row_tile(start, row_end, mask_c, BLOCK_ROWS)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_BRANCH:
             branch = tl.load(branch_ptr + rows[:, None] * stride_branch + cols[None, :], mask=mask, other=0.0)
@@ -104,13 +116,9 @@ def _layernorm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], tl.float32)
     db_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], tl.float32)
 
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    row_start, row_end = _strip(rows_per_program, M)
     for start in tl.range(row_start, row_end, BLOCK_ROWS, num_stages=NUM_STAGES):
-        rows = start + tl.arange(0, BLOCK_ROWS)
-        mask_r = rows < row_end
-        mask = mask_r[:, None] & mask_c[None, :]
-        rows = rows.to(tl.int64)
+        rows, mask_r, mask = _row_tile(start, row_end, mask_c, BLOCK_ROWS)
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=mask_r, other=0.0)
