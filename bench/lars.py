@@ -4,6 +4,8 @@ with its 2-layer projector, and the predictor: what the optimizer steps), fp32.
 
     python -m bench.lars                 # on a GPU: one table, and a JSON line per row
     python -m bench.lars --smoke         # CPU (interpreter): runs every path once, NOT a measurement
+
+Also a part of bench/throughput.py's section "r50" (bench/r50.py).
 """
 from __future__ import annotations
 
@@ -27,8 +29,11 @@ def r50_moco_shapes(smoke: bool) -> list[torch.Size]:
     return [p.shape for p in model.parameters() if p.requires_grad]
 
 
+SMOKE_TENSORS = 12  # under the interpreter the fused step on all of resnet18 takes ~24 s: its first tensors
+
+
 def bench_lars(device: torch.device, smoke: bool = False) -> list[dict]:
-    shapes = r50_moco_shapes(smoke)
+    shapes = r50_moco_shapes(smoke)[:SMOKE_TENSORS] if smoke else r50_moco_shapes(smoke)
     gen = torch.Generator(device=device).manual_seed(0)
     params = [torch.randn(s, device=device, generator=gen) for s in shapes]
     grads = [[1e-3 * torch.randn(s, device=device, generator=gen) for s in shapes] for _ in range(2)]

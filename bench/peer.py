@@ -80,6 +80,24 @@ class PeerMoCo(nn.Module):
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
 
+class PeerMoCoResNet(PeerMoCo):
+    """moco/builder.py's MoCo_ResNet on a single GPU: torchvision trunk built as main_moco.py builds it
+    (zero_init_residual), fc replaced by the 2-layer projector, a 2-layer predictor without the last BN;
+    forward, momentum loop and loss are MoCo_ViT's (the official classes share them)."""
+
+    def __init__(self, arch: str, dim: int, mlp_dim: int, T: float):
+        import torchvision
+
+        nn.Module.__init__(self)
+        self.T = T
+        self.base_encoder = getattr(torchvision.models, arch)(zero_init_residual=True)
+        self.base_encoder.fc = official_mlp(2, self.base_encoder.fc.in_features, mlp_dim, dim)
+        self.predictor = official_mlp(2, dim, mlp_dim, dim, last_bn=False)
+        self.momentum_encoder = copy.deepcopy(self.base_encoder)
+        for param_m in self.momentum_encoder.parameters():
+            param_m.requires_grad = False
+
+
 # -- DINO, as its official code builds it (facebookresearch/dino main_dino.py, vision_transformer.py,
 #    utils.py): the bench's DINO peer rows (bench/dino.py) ------------------------------------------------
 

@@ -10,7 +10,8 @@ import importlib
 
 # section -> the entry module that measures and renders it, in report order
 ENTRIES = {"model": "bench.model_step", "kernels": "bench.kernels", "data": "bench.pipeline",
-           "e2e": "bench.pipeline", "breakdown": "bench.breakdown", "eval": "bench.evaluation", "dino": "bench.dino"}
+           "e2e": "bench.pipeline", "breakdown": "bench.breakdown", "eval": "bench.evaluation", "dino": "bench.dino",
+           "r50": "bench.r50"}
 SMOKE_LABEL = "SMOKE (CPU): not a measurement"
 
 

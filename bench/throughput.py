@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_budget)
     data_dir, why = (None, None)
     model = None
-    if {"data", "e2e", "breakdown", "eval", "dino"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
+    if {"data", "e2e", "breakdown", "eval", "dino", "r50"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
         data_dir, why = _data_dir(args, smoke)
     for section in args.only:
         ts = time.perf_counter()
@@ -409,6 +409,12 @@ def main(argv=None) -> int:
 
             for rec in bench_dino(device, batch=args.batch if args.only == ["dino"] else 0, smoke=smoke,
                                   data_dir=data_dir):
+                sink.emit(rec)
+        elif section == "r50":
+            from bench.r50 import bench_r50
+
+            for rec in bench_r50(device, batch=args.batch if args.only == ["r50"] else 0, smoke=smoke,
+                                 data_dir=data_dir):
                 sink.emit(rec)
         print(f"[{section}] done in {time.perf_counter() - ts:.0f} s", flush=True)
     if model is not None:  # the torch.compile peer last, with the time that is left

@@ -154,7 +154,7 @@ def test_smoke_run_has_every_section(tmp_path):
     assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
     assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
     for title in ("== model step", "== kernels", "== data pipeline", "== end to end", "== step breakdown",
-                  "== evaluation", "== DINO"):
+                  "== evaluation", "== DINO", "== MoCo v3 ResNet-50"):
         line = next((ln for ln in out.splitlines() if ln.startswith(title)), None)
         assert line is not None and "SMOKE (CPU): not a measurement" in line, title
     assert "nothing compared" in out
@@ -178,6 +178,10 @@ def test_smoke_run_has_every_section(tmp_path):
     phases = {r["build"]: r for r in records if r["section"] == "breakdown"}
     assert set(phases) == {"device", "dali"} and all(r["status"] == "ok" for r in phases.values()), phases
     assert "data stall of the end-to-end step" in out and "top kernels" in out
+    r50 = {(r["name"], r["build"]): r for r in records if r["section"] == "r50"}
+    assert set(r50) == {("step", "trainer"), ("step", "e2e"), ("step", "peer"), ("lars", "fused"),
+                        ("lars", "reference")} and all(r["status"] == "ok" for r in r50.values()), r50
+    assert "LARS" in r50[("step", "trainer")]["metrics"]["notes"]  # the R50 recipe's optimizer, not AdamW
 
 
 def test_kernels_table_shows_tuning_choices():
