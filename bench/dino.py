@@ -15,13 +15,11 @@ Smoke mode (automatic without CUDA): tiny shapes; not a measurement.
 """
 from __future__ import annotations
 
-import os
 import tempfile
-from unittest import mock
 
 import torch
 
-from bench.timing import REPO, measure
+from bench.timing import REPO, free, run_builds, time_step
 
 CONFIG = "configs/dino_vit_s16.json"
 SMOKE_CONFIG = "configs/dino_tiny.json"
@@ -41,34 +39,14 @@ def _sizes(cfg) -> list[int]:
     return [c["size"] for c in augment_params(cfg.data)["crops"]]
 
 
-def build_trainer(batch: int, smoke: bool, out_dir: str, data_dir=None):
-    from fastmoco.config import load_config
-    from fastmoco.train import Trainer, fill_single_process_env
-
-    overrides = ["--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
-                 "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false"]
-    if data_dir is None:  # made per batch, never read: its size only sets the schedule's length
-        overrides += ["--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000)]
-    else:
-        overrides += ["--data.source", "folder", "--data.path", str(data_dir),
-                      "--data.num_threads", str(min(16, os.cpu_count() or 1))]
-    cfg = load_config(str(REPO / (SMOKE_CONFIG if smoke else CONFIG)), overrides)
-    with mock.patch.dict(os.environ):
-        fill_single_process_env()
-        return Trainer(cfg), cfg
-
-
-def _time(step, device, smoke: bool) -> dict:
-    t = measure(step, device, warmup=1 if smoke else 3, steps=2 if smoke else 10, repeats=1 if smoke else 3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": t.ms, "spread": t.spread, "peak_gib": peak}
-
-
 def bench_trainer(batch: int, device, smoke: bool, data_dir=None, build: str = "trainer") -> dict:
     """The Trainer's step on device batches, or (data_dir) fed by its own DALI multi-crop loader."""
     rec = {"section": "dino", "name": "step", "build": build, "shape": f"b{batch}"}
+    from bench.model_step import release_trainer, trainer_from_config
+
     with tempfile.TemporaryDirectory(prefix="fastmoco-dino-") as tmp:
-        trainer, cfg = build_trainer(batch, smoke, tmp, data_dir)
+        trainer = trainer_from_config(SMOKE_CONFIG if smoke else CONFIG, batch=batch, out_dir=tmp, data_dir=data_dir)
+        cfg = trainer.cfg
         try:
             if data_dir is None:
                 crops = _crops(batch, _sizes(cfg), device, torch.bfloat16 if trainer.bf16 else torch.float32, 0)
@@ -80,11 +58,11 @@ def bench_trainer(batch: int, device, smoke: bool, data_dir=None, build: str = "
                 trainer.train_step(*next(batches))
                 trainer.step += 1
 
-            res = _time(step, device, smoke)
+            res = time_step(step, device, smoke)
             notes = f"DeepSpeed {'bf16' if trainer.bf16 else 'fp32'} ZeRO-{trainer.zero_stage}, " \
                     f"{len(_sizes(cfg))} crops" + (f", DALI on {data_dir}" if data_dir is not None else "")
         finally:
-            trainer.engine.destroy()
+            release_trainer(trainer)
     ips = batch * 1e3 / res["ms"]
     return {**rec, "status": "ok", "batch": batch, "metrics": {**res, "img_per_s": ips, "notes": notes},
             "figures": {"img_per_s": ips}}
@@ -119,7 +97,7 @@ def bench_peer(batch: int, device, smoke: bool) -> dict:
         scaler.update()
         model.update_teacher(0.996)
 
-    res = _time(step, device, smoke)
+    res = time_step(step, device, smoke)
     ips = batch * 1e3 / res["ms"]
     notes = "fp16 autocast + GradScaler, timm ViT, per-parameter clip and EMA loops"
     return {**rec, "status": "ok", "batch": batch, "metrics": {**res, "img_per_s": ips, "notes": notes},
@@ -146,7 +124,7 @@ def bench_loss(batch: int, device, smoke: bool) -> list[dict]:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        res = _time(step, device, smoke)
+        res = time_step(step, device, smoke)
         if device.type == "cuda":
             res["extra_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         calls = 1e3 / res["ms"]
@@ -155,43 +133,23 @@ def bench_loss(batch: int, device, smoke: bool) -> list[dict]:
     return out
 
 
-def _free(device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def bench_dino(device, *, batch: int = 0, smoke: bool = False, data_dir=None) -> list[dict]:
     batch = batch or (4 if smoke else 64)
-    recs = []
     builds = [("trainer", lambda: bench_trainer(batch, device, smoke)), ("peer", lambda: bench_peer(batch, device, smoke))]
     if data_dir is not None:
         builds.insert(1, ("e2e", lambda: bench_trainer(batch, device, smoke, data_dir, "e2e")))
-    for build, fn in builds:
-        _free(device)
-        try:
-            recs.append(fn())
-        except torch.OutOfMemoryError as e:
-            recs.append({"section": "dino", "name": "step", "build": build, "status": "oom",
-                         "reason": str(e).splitlines()[0][:200]})
+    recs = run_builds("dino", builds, device)
     largest = None   # the largest batch that fits, of a few doublings
     for b in ([] if smoke else [2 * batch, 4 * batch, 8 * batch]):
-        _free(device)
+        free(device)
         try:
             largest = bench_trainer(b, device, smoke, build="trainer-largest")
         except torch.OutOfMemoryError:
             break
     if largest is not None:
         recs.append(largest)
-    _free(device)
-    recs += bench_loss(batch, device, smoke)
-    ok = {r["build"]: r for r in recs if r["name"] == "step" and r["status"] == "ok"}
-    if "trainer" in ok and "peer" in ok:
-        ok["trainer"]["metrics"]["over_peer"] = ok["trainer"]["figures"]["img_per_s"] / ok["peer"]["figures"]["img_per_s"]
-    return recs
+    free(device)
+    return recs + bench_loss(batch, device, smoke)
 
 
 # -- report ---------------------------------------------------------------------------------------

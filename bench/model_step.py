@@ -110,21 +110,17 @@ ARCH_CONFIGS = {"vit_small": "configs/vit_s.json", "vit_base": "configs/vit_b.js
 SMOKE_CONFIG = "configs/tiny.json"
 
 
-def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,
-                  data_dir: Path | None = None, threads: int = 0):
-    """`fastmoco.train.Trainer` as `train.py` builds it for one process at micro batch `batch`:
-    the arch's recipe config, data from `data_dir` (DALI, the config's default backend) or, when
-    None, the synthetic source (left unused: the model-step build feeds device batches)."""
+def trainer_from_config(config: str, *, batch: int, out_dir: str, data_dir: Path | None = None, threads: int = 0,
+                        extra: tuple[str, ...] = ()):
+    """`fastmoco.train.Trainer` as `train.py` builds it from a recipe config for one process at micro
+    batch `batch`: data from `data_dir` (DALI, the config's default backend) or, when None, the
+    synthetic source (left unused: the model-step builds feed device batches). `extra`: overrides."""
     from fastmoco.config import load_config
     from fastmoco.train import Trainer, fill_single_process_env
 
-    config = SMOKE_CONFIG if smoke else ARCH_CONFIGS.get(arch)
-    if config is None:
-        raise ValueError(f"no recipe config for arch {arch!r} (known: {', '.join(ARCH_CONFIGS)})")
-    overrides = ["--model.arch", arch, "--model.img_size", str(img), "--data.image_size", str(img),
-                 "--moco.dim", str(dim), "--moco.mlp_dim", str(mlp_dim),
-                 "--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
-                 "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false"]
+    overrides = ["--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
+                 "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false",
+                 *extra]
     if data_dir is None:
         # made per batch, never read: its size only sets the schedule's length (steps per epoch)
         overrides += ["--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000)]
@@ -137,6 +133,17 @@ def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, sm
     with mock.patch.dict(os.environ):
         fill_single_process_env()
         return Trainer(cfg)
+
+
+def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,
+                  data_dir: Path | None = None, threads: int = 0):
+    """The Trainer of the arch's recipe config (`trainer_from_config`) at this shape."""
+    config = SMOKE_CONFIG if smoke else ARCH_CONFIGS.get(arch)
+    if config is None:
+        raise ValueError(f"no recipe config for arch {arch!r} (known: {', '.join(ARCH_CONFIGS)})")
+    extra = ("--model.arch", arch, "--model.img_size", str(img), "--data.image_size", str(img),
+             "--moco.dim", str(dim), "--moco.mlp_dim", str(mlp_dim))
+    return trainer_from_config(config, batch=batch, out_dir=out_dir, data_dir=data_dir, threads=threads, extra=extra)
 
 
 def _trainer_step(trainer, batches):

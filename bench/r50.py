@@ -16,37 +16,16 @@ resnet18; tests/test_lars.py checks them). Not a measurement.
 """
 from __future__ import annotations
 
-import os
 import tempfile
-from unittest import mock
 
 import torch
 
-from bench.timing import REPO, measure
+from bench.timing import REPO, run_builds, time_step
 
 CONFIG = "configs/r50_100ep.json"
 SMOKE_CONFIG = "configs/r50_tiny.json"
 BATCH = 256   # per GPU: the recipe's 4096 over 16 GPUs
 ROTATE = 2
-
-
-def _config(smoke: bool, batch: int, out_dir: str, data_dir=None):
-    from fastmoco.config import load_config
-
-    overrides = ["--deepspeed.train_batch_size", str(batch), "--deepspeed.train_micro_batch_size_per_gpu", str(batch),
-                 "--logging.out_dir", out_dir, "--logging.tensorboard", "false", "--logging.progress", "false"]
-    if data_dir is None:  # made per batch, never read: its size only sets the schedule's length
-        overrides += ["--data.source", "synthetic", "--data.synthetic_size", str(batch * 1000)]
-    else:
-        overrides += ["--data.source", "folder", "--data.path", str(data_dir), "--data.backend", "dali",
-                      "--data.num_threads", str(min(16, os.cpu_count() or 1))]
-    return load_config(str(REPO / (SMOKE_CONFIG if smoke else CONFIG)), overrides)
-
-
-def _time(step, device, smoke: bool) -> dict:
-    t = measure(step, device, warmup=1 if smoke else 3, steps=2 if smoke else 10, repeats=1 if smoke else 3)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": t.ms, "spread": t.spread, "peak_gib": peak}
 
 
 def _record(build: str, batch: int, res: dict, notes: str) -> dict:
@@ -57,14 +36,11 @@ def _record(build: str, batch: int, res: dict, notes: str) -> dict:
 
 def bench_trainer(batch: int, device, smoke: bool, data_dir=None, build: str = "trainer") -> dict:
     """The Trainer's step on device batches, or (data_dir) fed by its own DALI loader."""
-    from bench.model_step import device_batches, loader_batches, release_trainer, trainer_notes
-    from fastmoco.train import Trainer, fill_single_process_env
+    from bench.model_step import device_batches, loader_batches, release_trainer, trainer_from_config, trainer_notes
 
     with tempfile.TemporaryDirectory(prefix="fastmoco-r50-") as tmp:
-        cfg = _config(smoke, batch, tmp, data_dir)
-        with mock.patch.dict(os.environ):
-            fill_single_process_env()
-            trainer = Trainer(cfg)
+        trainer = trainer_from_config(SMOKE_CONFIG if smoke else CONFIG, batch=batch, out_dir=tmp, data_dir=data_dir)
+        cfg = trainer.cfg
         try:
             batches = device_batches(trainer, batch, cfg.data.image_size) if data_dir is None \
                 else loader_batches(trainer)
@@ -73,7 +49,7 @@ def bench_trainer(batch: int, device, smoke: bool, data_dir=None, build: str = "
                 trainer.train_step(*next(batches))
                 trainer.step += 1
 
-            res = _time(step, device, smoke)
+            res = time_step(step, device, smoke)
             notes = trainer_notes(trainer) + (f", DALI on {data_dir}" if data_dir is not None else "")
         finally:
             release_trainer(trainer)
@@ -84,7 +60,9 @@ def bench_peer(batch: int, device, smoke: bool) -> dict:
     from bench.peer import PeerMoCoResNet
     from fastmoco.optim import LARS
 
-    cfg = _config(smoke, batch, "unused")
+    from fastmoco.config import load_config
+
+    cfg = load_config(str(REPO / (SMOKE_CONFIG if smoke else CONFIG)))
     with torch.device(device):
         model = PeerMoCoResNet(cfg.model.arch, cfg.moco.dim, cfg.moco.mlp_dim, cfg.moco.tau)
     o = cfg.optim
@@ -107,7 +85,7 @@ def bench_peer(batch: int, device, smoke: bool) -> dict:
     from fastmoco import ops
 
     with ops.fused(lars="off"):  # the official per-parameter loop
-        res = _time(step, device, smoke)
+        res = time_step(step, device, smoke)
     return _record("peer", batch, res, "fp16 autocast + GradScaler, torchvision ResNet, per-parameter momentum "
                                        "and LARS loops")
 
@@ -125,15 +103,6 @@ def bench_lars_rows(device, smoke: bool) -> list[dict]:
     return out
 
 
-def _free(device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def bench_r50(device, *, batch: int = 0, smoke: bool = False, data_dir=None) -> list[dict]:
     from fastmoco import ops
 
@@ -141,23 +110,9 @@ def bench_r50(device, *, batch: int = 0, smoke: bool = False, data_dir=None) -> 
     builds = [("trainer", lambda: bench_trainer(batch, device, smoke)), ("peer", lambda: bench_peer(batch, device, smoke))]
     if data_dir is not None:
         builds.insert(1, ("e2e", lambda: bench_trainer(batch, device, smoke, data_dir, "e2e")))
-    recs = []
     with ops.fused(**({"lars": "off"} if smoke else {})):
-        for build, fn in builds:
-            _free(device)
-            try:
-                recs.append(fn())
-            except torch.OutOfMemoryError as e:
-                recs.append({"section": "r50", "name": "step", "build": build, "status": "oom",
-                             "reason": str(e).splitlines()[0][:200]})
-    _free(device)
-    recs += bench_lars_rows(device, smoke)
-    ok = {r["build"]: r for r in recs if r["name"] == "step" and r["status"] == "ok"}
-    if "trainer" in ok and "peer" in ok:
-        ok["trainer"]["metrics"]["over_peer"] = ok["trainer"]["figures"]["img_per_s"] / ok["peer"]["figures"]["img_per_s"]
-    if "trainer" in ok and "e2e" in ok:
-        ok["e2e"]["metrics"]["over_trainer"] = ok["e2e"]["figures"]["img_per_s"] / ok["trainer"]["figures"]["img_per_s"]
-    return recs
+        recs = run_builds("r50", builds, device)
+    return recs + bench_lars_rows(device, smoke)
 
 
 # -- report ---------------------------------------------------------------------------------------

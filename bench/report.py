@@ -35,7 +35,7 @@ def render(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 
 def simple_table(recs: list[dict], markdown: bool, first: str) -> str:
-    headers = [first, "device", "batch", "img/s", "details"]
+    headers = [first, "build", "batch", "img/s", "details"]
     rows = []
     for r in recs:
         if r["status"] != "ok":

@@ -71,6 +71,42 @@ def measure(step: Callable[[int], object], device: torch.device, warmup: int, st
     return Timing(statistics.median(runs), runs, steps, repeats)
 
 
+def time_step(step: Callable[[int], object], device: torch.device, smoke: bool) -> dict:
+    """A training step's ms (`measure`: 3 warm-up calls, 3 repeats of 10; smoke: 1 call) and peak GiB."""
+    t = measure(step, device, warmup=1 if smoke else 3, steps=2 if smoke else 10, repeats=1 if smoke else 3)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"ms": t.ms, "spread": t.spread, "peak_gib": peak}
+
+
+def free(device: torch.device) -> None:
+    """Drop what the previous build left, so the next starts from free memory and a fresh peak."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_builds(section: str, builds: list[tuple[str, Callable[[], dict]]], device: torch.device) -> list[dict]:
+    """Each (build, fn) from free memory; one that runs out of memory becomes an "oom" record. Then the
+    ratios of the step rows: trainer / peer and e2e / trainer, where both ran."""
+    recs = []
+    for build, fn in builds:
+        free(device)
+        try:
+            recs.append(fn())
+        except torch.OutOfMemoryError as e:
+            recs.append({"section": section, "name": "step", "build": build, "status": "oom",
+                         "reason": str(e).splitlines()[0][:200]})
+    free(device)
+    ok = {r["build"]: r for r in recs if r["name"] == "step" and r["status"] == "ok"}
+    for num, den, key in (("trainer", "peer", "over_peer"), ("e2e", "trainer", "over_trainer")):
+        if num in ok and den in ok:
+            ok[num]["metrics"][key] = ok[num]["figures"]["img_per_s"] / ok[den]["figures"]["img_per_s"]
+    return recs
+
+
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)

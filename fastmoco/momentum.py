@@ -40,7 +40,7 @@ def local_data(p: torch.Tensor) -> torch.Tensor:
     return p.ds_tensor.data if hasattr(p, "ds_tensor") else p.data
 
 
-def _offset_in(t: torch.Tensor, flat: torch.Tensor, what: str) -> int:
+def offset_in(t: torch.Tensor, flat: torch.Tensor, what: str) -> int:
     """Element offset of tensor t inside the flat buffer that holds its storage."""
     if t.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr() or t.dtype != flat.dtype:
         raise ValueError(f"{what} is not a view of its optimizer group's flat buffer: cannot locate its fp32 master")
@@ -142,7 +142,7 @@ class MomentumState:
             lo = self.rank * size
             mflat = torch.zeros_like(flat16)  # the momentum encoder's bf16 weights, laid out like the group
             master = torch.zeros_like(part32.data)
-            located = sorted((_offset_in(p.data, flat16, f"parameter {tuple(p.shape)}"), p) for p in group)
+            located = sorted((offset_in(p.data, flat16, f"parameter {tuple(p.shape)}"), p) for p in group)
             runs, run = [], None  # element ranges of consecutive online parameters (padding between them included)
             for off, p in located:
                 q = momentum_of.get(id(p))
@@ -187,7 +187,7 @@ class MomentumState:
         for flat16, flat32, group in zip(optimizer.fp16_partitioned_groups_flat,
                                          optimizer.fp32_partitioned_groups_flat, optimizer.fp16_groups):
             for p in group:
-                off = _offset_in(p.ds_tensor, flat16, f"ZeRO-3 shard of parameter {tuple(p.ds_shape)}")
+                off = offset_in(p.ds_tensor, flat16, f"ZeRO-3 shard of parameter {tuple(p.ds_shape)}")
                 fp32_of[id(p)] = flat32.data[off:off + p.ds_tensor.numel()]
         missing = [tuple(p.ds_shape) for _, p in pairs if id(p) not in fp32_of]
         if missing:

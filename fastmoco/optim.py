@@ -26,7 +26,7 @@ import torch.distributed as dist
 from fastmoco import ops
 from fastmoco.config import ConfigError
 from fastmoco.kernels.lars import Pieces
-from fastmoco.momentum import _offset_in
+from fastmoco.momentum import offset_in
 
 OPTIMIZERS = ("adamw", "lars")
 
@@ -62,7 +62,7 @@ class LARS(torch.optim.Optimizer):
             lo = dist.get_rank(group=pg) * size  # this rank's slice [lo, lo + size) of the flat buffer
             spans, owner = [], []
             for n, p in enumerate(group):
-                off = _offset_in(p.data, flat16, f"parameter {n} {tuple(p.shape)}")
+                off = offset_in(p.data, flat16, f"parameter {n} {tuple(p.shape)}")
                 a, b = max(off, lo), min(off + p.numel(), lo + size)
                 if a < b:
                     spans.append((a - lo, b - a))
