@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .interpreter import cast_rtne, interpreting
+from .multi_tensor import block_table, program_block, table_pointer
 
 BLOCK = 4096  # elements per program: 16 per thread at 8 warps, 4 x 128-bit fp32 loads
 NUM_WARPS = 8
@@ -83,16 +84,13 @@ def _ema_multi_kernel(
     IS_ALIGNED: tl.constexpr,  # every address 16-byte aligned: vector accesses allowed
     IS_INTERPRETER: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tab + pid)
-    start = tl.load(blk_tab + B + pid)
-    numel = tl.load(numel_tab + t)
-    mom_ptr = tl.load(ptr_tab + t).to(tl.pointer_type(tl.float32))
+    t, start, numel = program_block(blk_tab, numel_tab, B)
+    mom_ptr = table_pointer(ptr_tab, T, 0, t, tl.float32)
     if IS_ONLINE_BF16:
-        onl_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.bfloat16))
+        onl_ptr = table_pointer(ptr_tab, T, 1, t, tl.bfloat16)
     else:
-        onl_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.float32))
-    out_ptr = tl.load(ptr_tab + 2 * T + t).to(tl.pointer_type(tl.bfloat16))
+        onl_ptr = table_pointer(ptr_tab, T, 1, t, tl.float32)
+    out_ptr = table_pointer(ptr_tab, T, 2, t, tl.bfloat16)
     if IS_ALIGNED:
         # Addresses from a table carry no alignment facts; without these hints
         # every access would be scalar. Starts are multiples of BLOCK.
@@ -132,9 +130,7 @@ class _MultiPlan:
         ptrs = [t.data_ptr() for t in momentum] + [t.data_ptr() for t in online] + [t.data_ptr() for t in outs]
         numels = torch.tensor([t.numel() for t in momentum], dtype=torch.int64)
         blocks = (numels + BLOCK - 1) // BLOCK  # programs per tensor (>= 1 for non-empty tensors)
-        tensor_idx = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), blocks)
-        first = torch.cumsum(blocks, 0) - blocks  # first program of each tensor
-        starts = (torch.arange(tensor_idx.numel(), dtype=torch.int64) - first[tensor_idx]) * BLOCK
+        tensor_idx, starts = block_table(torch.arange(T), blocks, BLOCK)
         self.T = T
         self.B = tensor_idx.numel()
         self.is_aligned = all(p % _ALIGN_BYTES == 0 for p in ptrs)

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from .interpreter import interpreting
+from .multi_tensor import block_table, program_block, table_pointer
 
 BLOCK = 4096   # elements per program: 16 per thread at 8 warps
 NUM_WARPS = 8
@@ -64,11 +65,9 @@ def _lars_norms_kernel(
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    t = tl.load(blk_tab + pid)
-    start = tl.load(blk_tab + B_a + pid)
-    numel = tl.load(numel_tab + t)
-    p_ptr = tl.load(ptr_tab + t).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.float32))
+    t, start, numel = program_block(blk_tab, numel_tab, B_a)
+    p_ptr = table_pointer(ptr_tab, T, 0, t, tl.float32)
+    g_ptr = table_pointer(ptr_tab, T, 1, t, tl.float32)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
@@ -119,13 +118,10 @@ def _lars_apply_kernel(
     B,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tab + pid)
-    start = tl.load(blk_tab + B + pid)
-    numel = tl.load(numel_tab + t)
-    p_ptr = tl.load(ptr_tab + t).to(tl.pointer_type(tl.float32))
-    g_ptr = tl.load(ptr_tab + T + t).to(tl.pointer_type(tl.float32))
-    mu_ptr = tl.load(ptr_tab + 2 * T + t).to(tl.pointer_type(tl.float32))
+    t, start, numel = program_block(blk_tab, numel_tab, B)
+    p_ptr = table_pointer(ptr_tab, T, 0, t, tl.float32)
+    g_ptr = table_pointer(ptr_tab, T, 1, t, tl.float32)
+    mu_ptr = table_pointer(ptr_tab, T, 2, t, tl.float32)
     n = tl.load(owner_tab + t)
     adapted = tl.load(adapt_ptr + n)
     p_norm = tl.sqrt(tl.load(sq_ptr + n))
@@ -174,8 +170,8 @@ class _Plan:
         adapted_n = torch.tensor(adapted, dtype=torch.bool)
         adapted_t = adapted_n[owner_t]  # per tensor
         blocks = (numels + BLOCK - 1) // BLOCK
-        idx, starts = _blocks(torch.arange(T), blocks)
-        a_idx_blk, a_starts = _blocks(torch.arange(T)[adapted_t], blocks[adapted_t])
+        idx, starts = block_table(torch.arange(T), blocks, BLOCK)
+        a_idx_blk, a_starts = block_table(torch.arange(T)[adapted_t], blocks[adapted_t], BLOCK)
         # per adapted parameter: its first partial and number of partials (0: no tensor of it here)
         first = torch.zeros(N, dtype=torch.int64)
         count = torch.zeros(N, dtype=torch.int64)
@@ -192,14 +188,6 @@ class _Plan:
         self.adapted = adapted_n.to(device, torch.float32)
         self.sums = torch.zeros(2, N, dtype=torch.float32, device=device)  # when the caller has none
         self.partials = torch.empty(2, max(self.B_a, 1), dtype=torch.float32, device=device)
-
-
-def _blocks(tensor_idx: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tensor index, start element) of every BLOCK-sized program over tensors of `blocks` programs each."""
-    idx = torch.repeat_interleave(tensor_idx.to(torch.int64), blocks)
-    first = torch.cumsum(blocks, 0) - blocks
-    local = torch.arange(idx.numel(), dtype=torch.int64) - torch.repeat_interleave(first, blocks)
-    return idx, local * BLOCK
 
 
 _plans: dict[tuple, _Plan] = {}
