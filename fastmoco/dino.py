@@ -158,7 +158,7 @@ class DINO(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_sum: torch.Tensor, rows: int) -> None:
         """center <- m center + (1 - m) * (sum of the teacher outputs over all ranks) / (rows * world)."""
-        total = teacher_sum.float().clone()
+        total = teacher_sum.float()   # a fresh sum from the loss: reduced in place
         if get_world_size() > 1:
             dist.all_reduce(total)
         mean = total / (rows * get_world_size())

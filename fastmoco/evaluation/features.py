@@ -115,7 +115,7 @@ def extract_features(backbone: torch.nn.Module, loader, *, image_size: int,
                 out = backbone(x, head=False)
             if batch is not None:
                 feats.append(out.float())
-                labels.append(batch[2].to(device))
+                labels.append(batch[-1].to(device))
     finally:
         backbone.train(was_training)
     width = backbone.embed_dim

@@ -100,7 +100,7 @@ def train_linear_official(backbone: nn.Module, train_loader, val_loader, *, num_
             group["lr"] = official_lr(epoch, epochs, init_lr)
         train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
-        for x, _, y in train_loader:
+        for x, *_, y in train_loader:  # the first view (more with local crops)
             with torch.no_grad(), torch.autocast(**autocast):
                 feats = backbone(x, head=False)
             loss = F.cross_entropy(head(feats.float()), y.to(device))
@@ -126,7 +126,7 @@ def evaluate_classifier(backbone: nn.Module, head: nn.Module, loader, *, bf16: b
     device = loader.device
     counts = torch.zeros(3, dtype=torch.float64, device=device)   # top-1, top-5, samples
     loader.set_epoch(0)
-    for x, _, y in loader:
+    for x, *_, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
             feats = backbone(x, head=False)
         y = relabel(y.to(device))
