@@ -1,40 +1,41 @@
 #!/usr/bin/env bash
-# Issue 12's GPU checks and figures in one device call (at most 10 minutes there). From the root:
+# Issue 19's GPU checks and figures, in stages that fit one lent session (15 min of device time). From the root:
 #
-#     bash bench/gpu_session.sh            # logs, JSON lines and the reference file under $OUT
+#     bash bench/gpu_session.sh                       # every stage below, in order
+#     STAGES=kernels bash bench/gpu_session.sh        # one stage (one device call each while DALI arrives
+#                                                     # in parts: kernels, then models, then vitb)
 #
-# 1. GPU tests of the issue (TESTS): the fp32-master EMA under bf16 (ZeRO-1, ZeRO-3, the fused
-#    kernel), the DALI graph on the GPU (conditional blur/grayscale/solarize).
-# 2. ViT-B at micro batch 256: train.py's Trainer step on device batches, the same Trainer fed by
-#    DALI on 4096 real JPEGs, the official-style peer, the step breakdown (device batches and
-#    DALI: phases, data stall, top kernels), then the torch.compile peer with what is left of the
-#    budget. (fastmoco's unfused reference row is left out for time: add it with B_ARGS.)
-# 3. ViT-S/L/H Trainer model steps and ViT-H's largest micro batch (ZeRO-3, bf16, activation
-#    checkpointing) with its img/s.
-# 4. The goals of issue 12, read from the JSON lines: e2e >= 95% of the model step, model step
-#    >= 60% MFU of the measured ~790 TFLOP/s bf16 dense rate (~1700 img/s), >= 1.8x the peer.
+# kernels  GPU tests of every kernel: attention, layernorm, contrastive, ema, dino_loss, lars, fused model.
+# models   GPU tests of momentum and evaluation; ViT-S/L/H Trainer steps and ViT-H's largest micro batch
+#          (ZeRO-3, bf16, activation checkpointing) with its img/s.
+# vitb     DALI's GPU tests; ViT-B/16 at micro batch 256 in ONE bench run (its ratios): train.py's Trainer
+#          step on device batches, the same Trainer fed by DALI on 4096 real JPEGs (e2e), the official-style
+#          peer, the torch.compile peer with what is left of the budget, and the step breakdown.
+# extra    (not in the default) DINO ViT-S/16, R50 vs its peer, evaluation extraction img/s.
+# Then the goals of issue 19, read from the JSON lines: e2e >= 95% of the model step, model step >= 60% MFU
+# of the measured ~790 TFLOP/s bf16 dense rate (~1700 img/s), >= 1.8x the peer.
 #
-# Budget (the call's limit is 10 min, DALI's unpacking in the same call included): setup ~0.5 min,
-# tests <= TESTS_TIMEOUT, part 2 <= B_TIMEOUT, part 3 <= SLH_TIMEOUT; each bench skips, and records
-# as skipped, what would start past its --time-budget, and `timeout` cuts a hang, so the logs
-# still come back. Every figure also goes to $OUT/reference_timings.json (--update: this device's
-# entry, e.g. "NVIDIA H200"); copy it over bench/reference_timings.json at home, and the JSON lines
-# print again with `python bench/throughput.py --from <file>.jsonl [--markdown]`.
-# Other checks, e.g. one op's:  TESTS="tests/test_attention.py" B_ARGS="--only kernels --kernels attention" \
-#                               SLH_ARCHS= bash bench/gpu_session.sh
+# Every log, JSON line and the reference file land under $OUT as they are made; `timeout` cuts a hang and each
+# bench records as skipped what would start past its --time-budget, so a cut call loses nothing measured.
+# Every figure also goes to $OUT/reference_timings.json (--update: this device's entry, e.g. "NVIDIA H200");
+# the JSON lines print again with `python bench/throughput.py --from <file>.jsonl [--markdown] [--update]`.
+# Other checks, e.g. one op's:  STAGES=vitb B_ARGS="--only kernels --kernels attention" bash bench/gpu_session.sh
 # Where the copy of the tree has no .git, say the commit: FASTMOCO_COMMIT=<hash> bash bench/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
 mkdir -p "$OUT"
-TESTS="${TESTS:-tests/test_momentum.py tests/test_pipelines_dali.py}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-100}"
-B_BUDGET="${B_BUDGET:-230}"       # seconds; nothing starts past it, the compile peer gets what is left
-B_TIMEOUT="${B_TIMEOUT:-280}"
+KERNEL_TESTS_TIMEOUT="${KERNEL_TESTS_TIMEOUT:-140}"
+MODEL_TESTS_TIMEOUT="${MODEL_TESTS_TIMEOUT:-60}"
+DALI_TESTS_TIMEOUT="${DALI_TESTS_TIMEOUT:-60}"
+X_BUDGET="${X_BUDGET:-150}"
+X_TIMEOUT="${X_TIMEOUT:-200}"
+B_BUDGET="${B_BUDGET:-210}"       # seconds; nothing starts past it, the compile peer gets what is left
+B_TIMEOUT="${B_TIMEOUT:-260}"
 B_ARGS="${B_ARGS:---only model,breakdown --arch vit_b --batch 256 --builds trainer,e2e,peer,peer_compile --compile-budget 90 --breakdown-steps 12}"
 SLH_ARCHS="${SLH_ARCHS-vit_s,vit_l,vit_h}"
-SLH_BUDGET="${SLH_BUDGET:-140}"
-SLH_TIMEOUT="${SLH_TIMEOUT:-175}"
+SLH_BUDGET="${SLH_BUDGET:-120}"
+SLH_TIMEOUT="${SLH_TIMEOUT:-150}"
 
 PY="${PYTHON:-python3}"   # elsewhere: PYTHON=.venv/bin/python bash bench/gpu_session.sh
 REF="$OUT/reference_timings.json"
@@ -62,13 +63,6 @@ fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-echo "== GPU tests (pytest -m gpu $TESTS, ${TESTS_TIMEOUT} s at most)"
-# shellcheck disable=SC2086
-timeout -k 10 "$TESTS_TIMEOUT" "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS > "$OUT/gpu_tests.log" 2>&1
-tests_rc=$?
-tail -25 "$OUT/gpu_tests.log"
-[ "$tests_rc" = 124 ] && echo "GPU tests: TIMED OUT after ${TESTS_TIMEOUT} s"
-
 bench() {  # bench NAME TIMEOUT BUDGET ARGS...: one throughput.py run, its log under $OUT
     local name=$1 limit=$2 budget=$3
     shift 3
@@ -79,17 +73,45 @@ bench() {  # bench NAME TIMEOUT BUDGET ARGS...: one throughput.py run, its log u
     [ "$rc" = 124 ] && echo "bench $name: TIMED OUT after ${limit} s (what it measured is in $OUT/bench-*.jsonl)"
     return "$rc"
 }
-# shellcheck disable=SC2086
-bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS
-b_rc=$?
-slh_rc=0
-if [ -n "$SLH_ARCHS" ]; then
-    bench slh "$SLH_TIMEOUT" "$SLH_BUDGET" --only model --arch "$SLH_ARCHS" --builds trainer --steps 3 --repeats 2 \
-        --max-batch vit_h --max-batch-start 128 --max-batch-seconds 80
-    slh_rc=$?
-fi
+gpu_tests() {  # gpu_tests NAME TIMEOUT FILES...: pytest -m gpu, its log under $OUT
+    local name=$1 limit=$2
+    shift 2
+    echo "== GPU tests $name (pytest -m gpu $*, ${limit} s at most)"
+    PYTHONUNBUFFERED=1 timeout -k 10 "$limit" "$PY" -m pytest -q -m gpu -p no:cacheprovider "$@" \
+        > "$OUT/gpu_tests_$name.log" 2>&1
+    local rc=$?
+    tail -25 "$OUT/gpu_tests_$name.log"
+    [ "$rc" = 124 ] && echo "GPU tests $name: TIMED OUT after ${limit} s"
+    return "$rc"
+}
 
-echo "== issue 12 goals (from $OUT/bench-*.jsonl)"
+# The stages, in the issue's order of priority; STAGES picks some (one device call each when DALI
+# arrives in parts: kernels, then models, then vitb once DALI is unpacked).
+STAGES="${STAGES:-kernels models vitb}"
+rc_all=0
+for stage in $STAGES; do
+    case $stage in
+    kernels)  # 1. every kernel's GPU tests
+        gpu_tests kernels "$KERNEL_TESTS_TIMEOUT" tests/test_attention.py tests/test_layernorm.py \
+            tests/test_contrastive.py tests/test_ema.py tests/test_dino_loss.py tests/test_lars.py \
+            tests/test_fused_model.py || rc_all=1 ;;
+    models)  # 1. momentum and evaluation GPU tests; 3. ViT-S/L/H Trainer steps, ViT-H's largest batch
+        gpu_tests models "$MODEL_TESTS_TIMEOUT" tests/test_momentum.py tests/test_evaluation.py || rc_all=1
+        if [ -n "$SLH_ARCHS" ]; then
+            bench slh "$SLH_TIMEOUT" "$SLH_BUDGET" --only model --arch "$SLH_ARCHS" --builds trainer --steps 3 \
+                --repeats 2 --max-batch vit_h --max-batch-start 128 --max-batch-seconds 80 || rc_all=1
+        fi ;;
+    vitb)  # 1. DALI's GPU tests; 2. ViT-B/16 at 256: Trainer, e2e, peers, breakdown (one run: its ratios)
+        gpu_tests dali "$DALI_TESTS_TIMEOUT" tests/test_pipelines_dali.py || rc_all=1
+        # shellcheck disable=SC2086
+        bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS || rc_all=1 ;;
+    extra)  # 4. DINO ViT-S/16 (Trainer, e2e 2x224 + 10x96, peer), R50 vs its peer, evaluation extraction
+        bench extra "$X_TIMEOUT" "$X_BUDGET" --only dino,r50,eval || rc_all=1 ;;
+    *) echo "unknown stage $stage (kernels, models, vitb, extra)"; rc_all=1 ;;
+    esac
+done
+
+echo "== issue 19 goals (from $OUT/bench-*.jsonl)"
 "$PY" - "$OUT" <<'PY' 2>&1 | tee "$OUT/goals.txt"
 import glob, json, sys
 MEASURED_BF16_TFLOPS = 790.0  # H100/H200 dense bf16, measured (shared/device/README.md)
@@ -103,7 +125,7 @@ if t:
     m = t["metrics"]
     line(f"ViT-B Trainer model step b{t['batch']}", f"{m['img_per_s']:.0f} img/s, {m['tflops'] / MEASURED_BF16_TFLOPS:.1%}"
          " of 790 TFLOP/s", ">= 60%", m["tflops"] / MEASURED_BF16_TFLOPS >= 0.60)
-e2e = ratio.get("e2e_over_trainer")
+e2e = ratio.get("e2e_over_trainer") or (e and t and e["metrics"]["img_per_s"] / t["metrics"]["img_per_s"])
 line("ViT-B end to end / model step", f"{e2e:.3f}" if e2e else "-", ">= 0.95", None if e2e is None else e2e >= 0.95)
 peer = ratio.get("trainer_over_peer")
 line("ViT-B model step / peer", f"{peer:.2f}x" if peer else "-", ">= 1.8x", None if peer is None else peer >= 1.8)
@@ -115,5 +137,5 @@ for r in recs:
         print(f"{r['name']} data stall (DALI, b{r['batch']}): {r['metrics']['data_stall']:.1%} of the step")
 PY
 
-echo "== gpu_session: tests exit $tests_rc, bench vit_b exit $b_rc, bench slh exit $slh_rc"
-[ "$tests_rc" = 0 ] && [ "$b_rc" = 0 ] && [ "$slh_rc" = 0 ]
+echo "== gpu_session: stages $STAGES: $([ $rc_all = 0 ] && echo all passed || echo 'something failed (logs above)')"
+exit "$rc_all"
