@@ -224,8 +224,7 @@ def table(recs: list[dict], markdown: bool = False) -> str:
 
 
 def main(argv=None) -> int:
-    from bench import model_step
-    from bench.throughput import ARCH_ALIASES, _data_dir
+    from bench import model_step, pipeline
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="vit_b")
@@ -243,10 +242,10 @@ def main(argv=None) -> int:
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    arch = "vit_test" if smoke else ARCH_ALIASES.get(args.arch, args.arch)
+    arch = "vit_test" if smoke else model_step.ARCH_ALIASES.get(args.arch, args.arch)
     shape = dict(img=32, dim=32, mlp_dim=64) if smoke else dict(img=224, dim=256, mlp_dim=4096)
     args.quick = False
-    data_dir, why = _data_dir(args, smoke)
+    data_dir, why = pipeline.bench_folder(args.data, args.data_images, smoke=smoke)
     if why:
         print(why)
     recs = bench_breakdown(arch, batch=args.batch or (4 if smoke else model_step.DEFAULT_BATCH.get(arch, 64)),

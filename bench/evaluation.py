@@ -32,7 +32,6 @@ from bench.timing import measure, run_metadata, synchronize  # noqa: E402
 
 KNN_SHAPE = {"bank": 1_281_167, "queries": 50_000, "width": 768, "classes": 1000}
 SMOKE_KNN_SHAPE = {"bank": 500, "queries": 70, "width": 24, "classes": 10}
-ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 
 
 def bench_forward(arch: str, batch: int, device, *, img_size: int, steps: int, repeats: int) -> dict:
@@ -126,6 +125,8 @@ def bench_evaluation(device, *, arch: str = "vit_base", batch: int = 0, data_dir
 
 
 def main(argv=None) -> None:
+    from bench import model_step
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="vit_b")
     p.add_argument("--batch", type=int, default=0)
@@ -136,7 +137,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     smoke = args.smoke or device.type != "cuda"
-    recs = bench_evaluation(device, arch=ARCH_ALIASES.get(args.arch, args.arch), batch=args.batch,
+    recs = bench_evaluation(device, arch=model_step.ARCH_ALIASES.get(args.arch, args.arch), batch=args.batch,
                             data_dir=Path(args.data) if args.data else None, threads=args.threads, smoke=smoke)
     meta = run_metadata(device, smoke)
     print(("SMOKE (CPU): not a measurement\n" if smoke else "") + table(recs, markdown=False))

@@ -34,7 +34,6 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -105,6 +104,7 @@ def _inputs(batch: int, img: int, device: torch.device, dtype: torch.dtype, seed
 # -- fastmoco builds: train.py's Trainer ---------------------------------------------------------
 
 # The recipe each arch trains with (ZeRO stage, bf16, activation checkpointing, optimizer).
+ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 ARCH_CONFIGS = {"vit_small": "configs/vit_s.json", "vit_base": "configs/vit_b.json",
                 "vit_large": "configs/vit_l.json", "vit_huge": "configs/vit_h.json"}
 SMOKE_CONFIG = "configs/tiny.json"
@@ -128,11 +128,10 @@ def trainer_from_config(config: str, *, batch: int, out_dir: str, data_dir: Path
         overrides += ["--data.source", "folder", "--data.path", str(data_dir),
                       "--data.num_threads", str(threads or min(16, os.cpu_count() or 1))]
     cfg = load_config(str(REPO / config), overrides)
-    # One process of one; the rendezvous variables stay out of the environment that later
-    # subprocesses (the train.py e2e run) inherit, or they would reuse this process's port.
-    with mock.patch.dict(os.environ):
-        fill_single_process_env()
-        return Trainer(cfg)
+    # One process of one, for the life of the process (ZeRO-3 reads LOCAL_RANK in the step); the
+    # train.py e2e run is started without them (bench/pipeline.py).
+    fill_single_process_env()
+    return Trainer(cfg)
 
 
 def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,

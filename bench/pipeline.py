@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.timing import REPO
+from fastmoco.distributed import RENDEZVOUS_VARS
 
 DEFAULT_DATA_ROOT = REPO / "bench" / "results"  # git-ignored
 
@@ -36,6 +37,18 @@ def _make_part(args) -> str:
 
     out, n, seed = args
     return str(make_demo_data(out, num_images=n, seed=seed))
+
+
+def bench_folder(data: str, images: int, *, smoke: bool, quick: bool = False) -> tuple[Path | None, str | None]:
+    """The JPEG folder of the data, e2e and breakdown sections: `data` when given, else the demo folder
+    of `images` photographs (default 4096; 1024 quick; 16 smoke). (folder, None), or (None, why not)."""
+    if data:
+        return Path(data), None
+    n = images or (16 if smoke else 1024 if quick else 4096)
+    try:
+        return demo_folder(n), None
+    except Exception as e:  # demo data being written: say so, go on
+        return None, f"no data folder: making the demo folder failed: {type(e).__name__}: {e}".splitlines()[0]
 
 
 def demo_folder(num_images: int, root: Path = DEFAULT_DATA_ROOT, workers: int | None = None) -> Path:
@@ -132,7 +145,8 @@ def bench_e2e(config: str, data_dir: Path | None, *, batch: int, steps: int, log
         if data_dir is not None:
             cmd += ["--data.source", "folder", "--data.path", str(data_dir)]
         cmd += extra
-        env = {**os.environ, **(env_extra or {})}
+        # a run of its own: not this process's rendezvous (the in-process Trainer builds set it)
+        env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS} | (env_extra or {})
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)

@@ -37,10 +37,10 @@ import torch  # noqa: E402
 
 from bench import reference, report  # noqa: E402
 from bench.report import SMOKE_LABEL, header, print_report  # noqa: E402
+from bench.model_step import ARCH_ALIASES  # noqa: E402
 from bench.timing import REPO, run_metadata  # noqa: E402
 
 SECTIONS = tuple(report.ENTRIES)
-ARCH_ALIASES = {"vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_h": "vit_huge"}
 FULL_ARCHS = ("vit_small", "vit_base", "vit_large", "vit_huge")
 QUICK_ARCHS = ("vit_small", "vit_base")
 COMPILE_PRIORITY = ("vit_base", "vit_small", "vit_large", "vit_huge")  # the headline arch compiles first
@@ -260,15 +260,9 @@ def run_kernels(args, sink: Sink, device, smoke: bool) -> None:
 
 
 def _data_dir(args, smoke: bool) -> tuple[Path | None, str | None]:
-    if args.data:
-        return Path(args.data), None
-    n = args.data_images or (16 if smoke else 1024 if args.quick else 4096)
-    try:
-        from bench import pipeline
+    from bench import pipeline
 
-        return pipeline.demo_folder(n), None
-    except Exception as e:  # demo data being written: say so, go on
-        return None, f"no data folder: making the demo folder failed: {type(e).__name__}: {e}".splitlines()[0]
+    return pipeline.bench_folder(args.data, args.data_images, smoke=smoke, quick=args.quick)
 
 
 def run_data(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: str | None) -> None:

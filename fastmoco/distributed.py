@@ -4,6 +4,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+# What a launcher (or `train.fill_single_process_env`) sets for one rank; a child that is a run of
+# its own is started without them.
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()

@@ -60,7 +60,10 @@ def _free_port() -> int:
 
 
 def fill_single_process_env() -> None:
-    """Plain `python train.py`: no launcher set the rendezvous, so it is one process of one."""
+    """Plain `python train.py`: no launcher set the rendezvous, so it is one process of one.
+    The variables stay for the life of the process: DeepSpeed's ZeRO-3 reads LOCAL_RANK during
+    the step too. A child process that is a run of its own is started without them
+    (`fastmoco.distributed.RENDEZVOUS_VARS`)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")

@@ -10,6 +10,7 @@ import sys
 from unittest import mock
 
 import torch
+from limits import HANG_S
 
 
 @contextlib.contextmanager
@@ -76,7 +77,7 @@ def compile_for_hopper(specs: list[dict]) -> list[dict]:
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], input=json.dumps(specs), capture_output=True,
-                          text=True, env=env, timeout=1200)
+                          text=True, env=env, timeout=HANG_S)
     assert proc.returncode == 0, f"the sm_90 compile run failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 

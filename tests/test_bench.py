@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import triton
+from limits import HANG_S
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -116,7 +117,7 @@ def _write_run(path: Path, records: list[dict]) -> Path:
 
 def _cli(*args, env=None):
     return subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=HANG_S, env=env)
 
 
 def test_cli_update_then_check_a_saved_run(tmp_path):
@@ -149,7 +150,7 @@ def test_shipped_reference_file_is_valid():
 def test_smoke_run_has_every_section(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     p = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+                       cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
     out = p.stdout
     assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
     assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
@@ -207,7 +208,7 @@ def test_kernels_table_shows_tuning_choices():
 
 # -- step breakdown and largest-batch search (a Trainer per run: each in its own process) --------------
 
-def _in_process(code: str, timeout: int = 300) -> dict:
+def _in_process(code: str, timeout: int = HANG_S) -> dict:
     """Run `code` (which ends by printing one JSON line) in a fresh interpreter: a Trainer initialises
     torch.distributed for its process."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
@@ -279,3 +280,51 @@ def test_max_batch_search_finds_the_largest_batch_that_fits():
     assert r["metrics"]["first_oom_batch"] == 6
     assert [p.split(":")[0] for p in r["metrics"]["probes"]] == ["2", "4", "8", "6", "5"]
     assert r["metrics"]["img_per_s"] > 0 and "6 ran out of memory" in r["notes"]
+
+
+ZERO3_TRAINER_CHECK = """
+import json, os, tempfile
+from bench import model_step
+with tempfile.TemporaryDirectory() as out:
+    # ViT-H's recipe (configs/vit_h.json): ZeRO-3, activation checkpointing; built in-process like the bench's
+    t = model_step.trainer_from_config("configs/tiny.json", batch=4, out_dir=out, extra=(
+        "--deepspeed.zero_optimization.stage", "3", "--model.grad_checkpointing", "true"))
+    step = model_step._trainer_step(t, model_step.device_batches(t, 4, t.cfg.data.image_size))
+    for i in range(2):
+        step(i)
+    print(json.dumps({"step": t.step, "stage": t.engine.zero_optimization_stage()}))
+"""
+
+
+def test_bench_trainer_steps_under_zero3_in_process():
+    """The bench builds the Trainer in its own process (no launcher): DeepSpeed's ZeRO-3 reads the
+    rendezvous variables during the step, not only at build (the H200 run's KeyError 'LOCAL_RANK')."""
+    r = _in_process(ZERO3_TRAINER_CHECK)
+    assert r == {"step": 2, "stage": 3}, r
+
+
+def test_bench_modules_import_no_circle():
+    """Each bench module imports only lower ones (imports inside functions too): what two modules
+    both need lives in a third, never in each other."""
+    import ast
+
+    bench_dir = REPO / "bench"
+    graph = {}
+    for path in bench_dir.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "bench":
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bench."):
+                deps.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bench.")}
+        graph[path.stem] = deps & {p.stem for p in bench_dir.glob("*.py")}
+
+    def visit(node, stack):
+        assert node not in stack, f"import circle: {' -> '.join([*stack, node])}"
+        for dep in graph[node]:
+            visit(dep, [*stack, node])
+
+    for module in graph:
+        visit(module, [])

@@ -9,6 +9,7 @@ import torch
 from fastmoco import ops
 from fastmoco.models.vit import VisionTransformer
 from fastmoco.moco import MoCo
+from limits import HANG_S
 
 ALL_ON = dict(attention="on", layernorm="on", contrastive="on", ema="on")
 ALL_OFF = dict(attention="off", layernorm="off", contrastive="off", ema="off")
@@ -215,7 +216,7 @@ def test_model_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import fastmoco.models.vit, fastmoco.moco, fastmoco.ops\n"
             "try:\n    import triton\nexcept ImportError:\n    print('no triton')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "no triton"
 
@@ -235,9 +236,13 @@ def test_layernorm_auto_dispatch_on_gpu():
         chosen = layernorm_module._DISPATCH.chosen
         key = next(k for k in chosen if k[1] == C and k[-1] is True)
         assert chosen[key][0] in ("kernel", "torch")
-        h_ref, y_ref = add_layernorm_ref(x.float(), branch.float(), w, b, 1e-6)
-        torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=0)
-        torch.testing.assert_close(h.float(), h_ref, atol=5e-2, rtol=0)
+        # h is a bf16 tensor (x + branch rounded once) and y is normalised from it, as in the
+        # model; an fp32 h shifts y by up to ~0.07 at these magnitudes whichever path runs (the
+        # H200 run of 2026-12-04 failed on that with atol 5e-2): the reference rounds h the same way
+        h_ref = (x.float() + branch.float()).bfloat16().float()
+        _, y_ref = add_layernorm_ref(h_ref, torch.zeros_like(h_ref), w, b, 1e-6)
+        torch.testing.assert_close(h.float(), h_ref, atol=0, rtol=0)
+        torch.testing.assert_close(y.float(), y_ref, atol=2e-2, rtol=1e-2)  # y rounded to bf16 (and w, b if cast)
 
 
 @pytest.mark.gpu

@@ -75,3 +75,23 @@ def test_bad_sizes_are_named():
         VisionTransformer("vit_gigantic")
     with pytest.raises(ValueError, match="img_size 30"):
         VisionTransformer("vit_test", img_size=30)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (36, 44)])  # (36, 44): a remainder the conv drops too
+def test_patch_embedding_is_the_stride_p_convolution(size):
+    """The patch embedding runs as one matmul over patches; it must be the Conv2d it stands for, in
+    value and in every gradient (input, weight, bias), for any input layout."""
+    from fastmoco.models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    embed = PatchEmbed(32, 8, 24)
+    x = torch.randn(3, 3, *size).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = embed(x)
+    want = embed.proj(x).flatten(2).transpose(1, 2)
+    assert y.shape == want.shape == (3, (size[0] // 8) * (size[1] // 8), 24)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, embed.proj.weight, embed.proj.bias], g)
+    ref = torch.autograd.grad(want, [x, embed.proj.weight, embed.proj.bias], g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
