@@ -23,7 +23,8 @@ marker of its own, so its normal step gains no host sync:
 On the GPU each marker is a CUDA event on the current stream (the phases are GPU time between
 them; one synchronize after the last step); on the CPU, time.perf_counter(). The data-stall
 fraction is the data phase's share of the end-to-end step. The kernel table comes from
-torch.profiler over a few more steps.
+torch.profiler over a few more steps; the optimizer phase's own kernels (and its host time, which
+says whether it is host-bound) from one more profiled pass (`phase_kernels`).
 """
 from __future__ import annotations
 
@@ -158,6 +159,57 @@ def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict
              "calls_per_step": e.count / steps} for e in events[:n]]
 
 
+def phase_kernels(trainer, batches, steps: int, phase: str = "optimizer", n: int = TOP_KERNELS) -> dict:
+    """What one phase spends its time on, over `steps` steps of torch.profiler: its host time per
+    step, the device time of the kernels it launched (on the CPU: the self time of its ops), and
+    the n largest of those. A phase whose kernels are a small part of its time is host-bound.
+    The phase's call (`engine.step` for "optimizer", `engine.backward` for "backward") runs
+    inside a record_function range; a kernel counts when the op that launched it is in it."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    call = {"optimizer": "step", "backward": "backward"}[phase]
+    label = f"fastmoco::{phase}"
+    cuda = trainer.device.type == "cuda"
+    original = getattr(trainer.engine, call)
+
+    def ranged(*args, **kwargs):
+        with record_function(label):
+            return original(*args, **kwargs)
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with mock.patch.object(trainer.engine, call, ranged), profile(activities=acts) as prof:
+        for _ in range(steps):
+            x1, x2 = next(batches)
+            trainer.train_step(x1, x2)
+            trainer.step += 1
+        if cuda:
+            torch.cuda.synchronize()
+
+    def inside(evt) -> bool:
+        while evt is not None:
+            if evt.name == label:
+                return True
+            evt = evt.cpu_parent
+        return False
+
+    events = prof.events()
+    host_us = sum(e.cpu_time_total for e in events if e.name == label)
+    per_name: dict[str, list[float]] = {}
+    for e in events:
+        if e.name == label or not inside(e):
+            continue
+        if cuda:
+            for k in e.kernels:
+                per_name.setdefault(k.name, []).append(k.duration)
+        elif e.self_cpu_time_total > 0:
+            per_name.setdefault(e.name, []).append(e.self_cpu_time_total)
+    work_us = sum(sum(v) for v in per_name.values())
+    top = sorted(per_name.items(), key=lambda kv: sum(kv[1]), reverse=True)[:n]
+    return {"phase": phase, "host_ms_per_step": host_us / 1e3 / steps, "work_ms_per_step": work_us / 1e3 / steps,
+            "top": [{"name": name[:90], "ms_per_step": sum(v) / 1e3 / steps, "calls_per_step": len(v) / steps}
+                    for name, v in top]}
+
+
 def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device, smoke: bool,
                     steps: int, warmup: int, data_dir: Path | None, profile_steps: int) -> list[dict]:
     """Records (section "breakdown"): the phases with device batches, the phases fed by the DALI
@@ -179,13 +231,16 @@ def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, 
                                else model_step.device_batches(trainer, batch, img))
                     res = run_phases(trainer, batches, steps, warmup)
                     kernels = top_kernels(trainer, batches, profile_steps) if source == "device" else []
+                    optimizer = (phase_kernels(trainer, batches, profile_steps, "optimizer")
+                                 if source == "device" else None)
                     notes = model_step.trainer_notes(trainer)
                 finally:
                     model_step.release_trainer(trainer)
         except Exception as e:  # noqa: BLE001 - one source failing must not cost the other its table
             out.append({**rec, "status": "unavailable", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
             continue
-        metrics = {**res, "img_per_s": batch / (res["step_ms"] / 1e3), "top_kernels": kernels}
+        metrics = {**res, "img_per_s": batch / (res["step_ms"] / 1e3), "top_kernels": kernels,
+                   "optimizer_kernels": optimizer}
         out.append({**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": {}, "notes": notes})
     return out
 
@@ -194,7 +249,8 @@ TITLES = {"breakdown": "step breakdown: the Trainer's step by phase (bench/break
 
 
 def table(recs: list[dict], markdown: bool = False) -> str:
-    """Phases side by side for each source, then the data stall and the top kernels."""
+    """Phases side by side for each source, then the data stall, the top kernels and the optimizer
+    phase's own kernels."""
     from bench.report import render
 
     ok = [r for r in recs if r["status"] == "ok"]
@@ -217,6 +273,12 @@ def table(recs: list[dict], markdown: bool = False) -> str:
                 rows = [[k["name"], f"{k['ms_per_step']:.3f}", f"{k['share']:.1%}", f"{k['calls_per_step']:.1f}"]
                         for k in r["metrics"]["top_kernels"]]
                 lines.append(render(["kernel", "ms/step", "share", "calls/step"], rows, markdown))
+            ph = r["metrics"].get("optimizer_kernels")
+            if ph:
+                lines.append(f"\n{ph['phase']} phase alone ({r['name']} {r['build']}): host {ph['host_ms_per_step']:.2f} "
+                             f"ms/step, its kernels {ph['work_ms_per_step']:.2f} ms/step:\n")
+                rows = [[k["name"], f"{k['ms_per_step']:.3f}", f"{k['calls_per_step']:.1f}"] for k in ph["top"]]
+                lines.append(render(["kernel", "ms/step", "calls/step"], rows, markdown))
     for r in recs:
         if r["status"] != "ok":
             lines.append(f"{r['name']} {r['build']}: {r['status']}: {r.get('reason')}")

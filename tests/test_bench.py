@@ -328,3 +328,28 @@ def test_bench_modules_import_no_circle():
 
     for module in graph:
         visit(module, [])
+
+
+PHASE_CHECK = """
+import json, torch
+from fastmoco import ops
+from bench import breakdown, model_step
+with ops.fused(**{op: "off" for op in ops.OPS}):
+    t = model_step.build_trainer("vit_test", img=32, batch=4, dim=32, mlp_dim=64, smoke=True, out_dir="%s")
+    step = t.engine.step
+    a = torch.randn(300, 300)
+    def planted_step(*args, **kwargs):  # one known op inside the optimizer phase
+        torch.mm(a, a)
+        return step(*args, **kwargs)
+    t.engine.step = planted_step
+    res = breakdown.phase_kernels(t, model_step.device_batches(t, 4, 32), steps=2)
+print(json.dumps(res))
+"""
+
+
+def test_optimizer_phase_table_holds_only_what_runs_inside_engine_step(tmp_path):
+    """The forward and backward run matmuls too; only the one planted inside engine.step may count."""
+    r = _in_process(PHASE_CHECK % tmp_path)
+    calls = {k["name"]: k["calls_per_step"] for k in r["top"]}
+    assert calls.get("aten::mm") == 1.0, r["top"]
+    assert r["phase"] == "optimizer" and r["host_ms_per_step"] >= r["work_ms_per_step"] > 0, r
