@@ -218,3 +218,29 @@ def test_overwrite_removes_the_previous_runs_evaluations_and_report(tmp_path):
     removed = prepare_out_dir(tmp_path, resume="", overwrite=True, remove=True)
     assert sorted(removed) == [str(tmp_path / "eval"), str(tmp_path / "report.html")]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "report.html").exists()
+
+
+def test_the_report_shows_the_last_evaluation_the_metrics_hold(tmp_path):
+    """A run resumed from an earlier checkpoint drops later evaluations from metrics.jsonl; their folders
+    stay until the run passes that step again, and the report must not show them."""
+    photo = tmp_path / "a" / "x.jpg"
+    photo.parent.mkdir()
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8)).save(photo)
+    lines = [{"step": s, "epoch": 0, "eval": {"knn_top1@20": float(s)}} for s in (0, 4)]
+    lines.insert(1, {"step": 2, "epoch": 0, "loss": 3.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    for step in (0, 4, 8):      # 8: from before the resume
+        d = tmp_path / "eval" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        q = {"path": str(photo), "label": 0, "class": f"class{step}",
+             "neighbours": [{"path": str(photo), "label": 0, "class": "a", "similarity": 0.9},
+                            {"path": str(tmp_path / "gone.jpg"), "label": 1, "class": "b", "similarity": 0.5}]}
+        (d / "retrievals.json").write_text(json.dumps({"step": step, "encoder": "online", "queries": [q]}))
+    text = build_report(tmp_path)
+    page = parse(text)
+    assert "The last kNN evaluation (step 4," in text and "class4" in text and "class8" not in text
+    assert [f.get("class") for f in page.figures if f.get("class") in ("query", "same", "other")] == \
+        ["query", "same", "other"]
+    assert f"cannot read {tmp_path / 'gone.jpg'}" in html.unescape(text)      # a file gone since: named
+    assert sorted(f["data-metric"] for f in page.figures if f.get("class") == "metric") == \
+        ["eval/knn_top1@20", "loss"]

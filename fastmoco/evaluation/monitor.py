@@ -187,14 +187,19 @@ class KnnMonitor:
             return
         final = self.eval_dir / tag_for(step)
         staged = self.eval_dir / f".{final.name}.tmp"
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir(parents=True)
-        for i, fig in enumerate(figures):
-            write_png(staged / f"attention_{i}.png", png_bytes(fig))
         record = {"step": step, "encoder": self.encoder, "train_path": self.train_split.path,
                   "val_path": self.val_split.path, "image_size": self.image_size, "queries": retrievals}
-        (staged / RETRIEVALS).write_text(json.dumps(record, indent=1))
-        _replace_dir(staged, final, self.eval_dir / ".trash")
+        try:
+            shutil.rmtree(staged, ignore_errors=True)
+            staged.mkdir(parents=True)
+            for i, fig in enumerate(figures):
+                write_png(staged / f"attention_{i}.png", png_bytes(fig))
+            (staged / RETRIEVALS).write_text(json.dumps(record, indent=1))
+            _replace_dir(staged, final, self.eval_dir / ".trash")
+        except OSError as e:  # a full disk: the checkpoints matter more than these pictures
+            shutil.rmtree(staged, ignore_errors=True)
+            warnings.warn(f"kNN monitor: could not write {final} ({e}); the training goes on", RuntimeWarning,
+                          stacklevel=2)
 
     def write_report(self, out_dir: str | Path) -> str:
         """Rank 0: the run's HTML report (fastmoco.evaluation.report); the line saying where it is

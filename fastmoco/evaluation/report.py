@@ -109,16 +109,20 @@ def metric_title(name: str, method: str) -> str:
     return TITLES.get(name, name)
 
 
-def newest_evaluation(run_dir: Path) -> tuple[Path, dict] | None:
-    """(folder, retrievals record) of the last kNN evaluation the monitor recorded, if any."""
+def newest_evaluation(run_dir: Path, steps: set[int] | None = None) -> tuple[Path, dict] | None:
+    """(folder, retrievals record) of the last kNN evaluation the monitor recorded, if any; with
+    `steps`, only of those steps (the evaluations metrics.jsonl holds: a run resumed from an
+    earlier checkpoint drops the later ones there, their folders stay until the run passes again)."""
     from fastmoco.evaluation.monitor import EVAL_DIR, RETRIEVALS
 
     found = []
     for d in (run_dir / EVAL_DIR).glob("step_*"):
         try:
-            found.append((int(d.name.split("_")[1]), d))
+            step = int(d.name.split("_")[1])
         except ValueError:
             continue
+        if steps is None or step in steps:
+            found.append((step, d))
     for _, d in sorted(found, reverse=True):
         try:
             return d, json.loads((d / RETRIEVALS).read_text())
@@ -234,8 +238,8 @@ def _attention(folder: Path, record: dict) -> str:
     return "".join(parts)
 
 
-def _evaluation(run_dir: Path) -> str:
-    found = newest_evaluation(run_dir)
+def _evaluation(run_dir: Path, records: list[dict]) -> str:
+    found = newest_evaluation(run_dir, {r["step"] for r in records if "eval" in r and "step" in r})
     if found is None:
         return ("<h2>Nearest neighbours and attention maps</h2><p>No kNN evaluation folder in this run "
                 "(<code>eval/step_*</code>: written by the kNN monitor, config section <code>eval</code>).</p>")
@@ -299,7 +303,7 @@ def build_report(run_dir: str | os.PathLike) -> str:
     title = f"fastmoco run: {run_dir.resolve().name}"
     body = [f"<h1>{_e(title)}</h1>", _summary(run_dir, config, records, series),
             f"<h2>Metrics</h2><p>From <code>{_e(metrics)}</code>, over training steps.</p>", _metrics(series, method),
-            _evaluation(run_dir), "<h2>Checkpoints</h2>", _checkpoints(run_dir),
+            _evaluation(run_dir, records), "<h2>Checkpoints</h2>", _checkpoints(run_dir),
             "<h2>Config</h2>", f"<pre>{_e(json.dumps(config, indent=1))}</pre>",
             f"<p style='color:#888;font-size:11px'>written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))} by "
             "fastmoco-report</p>"]
