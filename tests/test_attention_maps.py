@@ -235,6 +235,7 @@ def test_cli_on_an_official_and_an_exported_checkpoint(images, official, tmp_pat
     assert code == 0, err[-3000:]
     _check_pngs(tmp_path / "a", [f.stem for f in files])
     assert out.count(" -> ") == len(files)
+    assert f"(vit_small/16, online encoder, 48 px): {len(files)} image(s), PNGs in {tmp_path / 'a'}" in out
     export(official, tmp_path / "b.safetensors", official="")
     code, out, err = _cli(capsys, "--checkpoint", tmp_path / "b.safetensors", "--images", files[0], "--out",
                           tmp_path / "b")

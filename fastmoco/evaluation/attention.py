@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             raise AttentionError(f"--image-size {size} is not a multiple of the model's patch size {patch}")
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        print(f"{info.path} ({info.arch}/{patch}, {encoder} encoder, {size} px): {len(files)} image(s) -> {out}",
+        print(f"{info.path} ({info.arch}/{patch}, {encoder} encoder, {size} px): {len(files)} image(s), PNGs in {out}",
               flush=True)
         used: set[str] = set()
         for start in range(0, len(files), args.batch_size):
