@@ -40,7 +40,7 @@ STAGING = ".staging"
 TRASH = ".trash"
 MARKER = "COMPLETE"
 # What a run writes into logging.out_dir; a fresh run refuses a directory holding any of them.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.json")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "eval", "report.html")
 # Config keys that change what a run means: a resume with other values is refused (see config_changes).
 RESUME_MUST_MATCH = ("method", "model", "moco", "dino", "data.source", "data.image_size", "data.synthetic_size", "data.seed",
                      "seed", "schedule.epochs", "schedule.warmup_epochs")

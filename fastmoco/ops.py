@@ -88,6 +88,14 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return module.attention_ref(qkv, num_heads)
 
 
+def attention_with_probs(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention`'s output and its probabilities (B, H, N, N) fp32, always on the reference path
+    whatever the switch says: neither the kernel nor SDPA forms the probabilities. For attention maps."""
+    from fastmoco.kernels import attention as module
+
+    return module.attention_ref_with_probs(qkv, num_heads)
+
+
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     from fastmoco.kernels import layernorm as module
 

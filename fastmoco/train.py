@@ -288,11 +288,12 @@ class Trainer:
                     f"metrics: {self.out_dir / 'metrics.jsonl'}")
         if self.knn_history:
             self._print(self.knn_summary())
+            self._print(self.monitor.write_report(self.out_dir))  # the run's HTML report (rank 0)
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, log: MetricLogger) -> dict:
         """The kNN monitor on the current weights (collective); logged, and kept for the summary."""
-        result, seconds = self.monitor.evaluate(self.model)
+        result, seconds = self.monitor.evaluate(self.model, step=self.step, tb=log.tb)
         self.knn_history.append((self.step, result))
         log.log_eval(self.step, self.epoch, result, seconds, split=self.monitor.val_split.path)
         return result

@@ -468,12 +468,19 @@ def attention_ref(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     Computes in the input dtype with an fp32 softmax; pass fp32 qkv for the
     reference that tests and benches compare against.
     """
+    return attention_ref_with_probs(qkv, num_heads)[0]
+
+
+def attention_ref_with_probs(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_ref`'s output and its softmax probabilities, (B, H, N, N) fp32: the attention maps
+    (the kernel never forms them)."""
     B, N, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     q, k, v = qkv.view(B, N, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each
     scores = (q * D ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
-    p = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return (p @ v).transpose(1, 2).reshape(B, N, num_heads * D)
+    probs = scores.softmax(dim=-1, dtype=torch.float32)
+    out = (probs.to(q.dtype) @ v).transpose(1, 2).reshape(B, N, num_heads * D)
+    return out, probs
 
 
 def attention_sdpa(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:

@@ -162,6 +162,7 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
         super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train)
         workers = cfg.num_threads if num_workers is None else num_workers
+        self.files = [s[0] for s in samples]   # sample i's path, as DaliTwoCropLoader's
         self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
         pin = self.device.type == "cuda"
         # Workers are forked per iteration (cheap next to an epoch): persistent ones

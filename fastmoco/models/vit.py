@@ -172,8 +172,14 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):  # (B, N, C)
-        return self.proj(ops.attention(self.qkv(x), self.num_heads))
+    def forward(self, x, probs: list | None = None):  # (B, N, C)
+        """`probs` (a list): run the reference path and append its probabilities (B, H, N, N) fp32."""
+        qkv = self.qkv(x)
+        if probs is None:
+            return self.proj(ops.attention(qkv, self.num_heads))
+        out, p = ops.attention_with_probs(qkv, self.num_heads)
+        probs.append(p)
+        return self.proj(out)
 
 
 class Mlp(nn.Module):
@@ -207,12 +213,13 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, branch=None):
+    def forward(self, x, branch=None, probs: list | None = None):
+        """`probs`: see `Attention.forward` (the attention maps of this block)."""
         if branch is None:
             h = self.norm1(x)
         else:
             x, h = self.norm1(x, branch)
-        x, h = self.norm2(x, drop_path(self.attn(h), self.drop_path, self.training))
+        x, h = self.norm2(x, drop_path(self.attn(h, probs), self.drop_path, self.training))
         return x, drop_path(self.mlp(h), self.drop_path, self.training)
 
 
@@ -323,7 +330,7 @@ class VisionTransformer(nn.Module):
         patches = patches.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([self.pos_embed[:, :1], patches], dim=1)
 
-    def forward_features(self, x):  # (B, 3, H, W) -> (B, C)
+    def forward_features(self, x, last_attention: bool = False):  # (B, 3, H, W) -> (B, C)
         p = self.size.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} pixels is not a multiple of patch size {p}")
@@ -332,7 +339,11 @@ class VisionTransformer(nn.Module):
         cls = (self.cls_token + pos[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)  # (B, 1 + P, C)
         branch = None
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
+            if last_attention and i == len(self.blocks) - 1:
+                probs = []
+                blk(x, branch, probs)
+                return probs[0]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, branch = checkpoint(blk, x, branch, use_reentrant=False)
             else:
@@ -340,10 +351,15 @@ class VisionTransformer(nn.Module):
         _, x = self.norm(x, branch)
         return x[:, 0]
 
-    def forward(self, x, head: bool = True):
+    def forward(self, x, head: bool = True, last_attention: bool = False):
+        """(B, 3, H, W) -> the projected class token (`head`), or the final-norm class token (B, C);
+        `last_attention`: instead the last block's attention probabilities (B, heads, N, N) fp32 from the
+        reference attention path (token 0 the class token, then the patches row by row)."""
         # Called as a module (not forward_features directly) so that hooks on this module,
         # such as ZeRO-3's parameter gathering, see the call.
-        x = self.forward_features(x)
+        x = self.forward_features(x, last_attention)
+        if last_attention:
+            return x
         return self.head(x) if head else x
 
     def backbone_state_dict(self) -> dict:
