@@ -199,6 +199,19 @@ def test_mid_epoch_resume_gives_the_uninterrupted_batches(demo, backend):
             assert torch.equal(x, y)
 
 
+@pytest.mark.gpu
+def test_dali_gpu_loader_on_shards_reads_the_plan_in_bf16(demo):
+    """The GPU graph (nvJPEG decode) on shards: bf16 views on the device, labels as the plan lists."""
+    pytest.importorskip("nvidia.dali")
+    src = ShardSamples(demo / "shards")
+    loader = build_loader(cfg_for(demo / "shards", "dali"), batch_size=4, shard_id=1, num_shards=2,
+                          device="cuda", dtype=torch.bfloat16)
+    batches = list(loader)
+    assert all(v.device.type == "cuda" and v.dtype == torch.bfloat16 for *views, _ in batches for v in views)
+    labels = torch.cat([y for *_, y in batches]).cpu()
+    assert labels.tolist() == [src.read(i)[1] for i in loader.plan.epoch_indices(0)]
+
+
 def test_dali_multi_crop_views_from_shards(demo):
     pytest.importorskip("nvidia.dali")
     loader = build_loader(cfg_for(demo / "shards", "dali", local_crops=2, local_size=16), batch_size=4)
