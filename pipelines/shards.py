@@ -124,6 +124,15 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return manifest
 
 
+def _allow_open_files(n: int) -> None:
+    """Raise this process's soft limit on open files towards `n` (at most the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+
+
 def manifest_classes(path: str | os.PathLike) -> list[str] | None:
     """The class names of a shard set's manifest, or None for a folder of shards without one."""
     return list(read_manifest(path)["classes"]) if find_manifest(path) is not None else None
@@ -191,6 +200,7 @@ class ShardSamples:
         self.shard_sizes = np.asarray(sizes, dtype=np.int64)        # samples per usable shard
         self.first = np.concatenate([[0], np.cumsum(self.shard_sizes)])  # first sample of each shard
         self.names = _MemberNames(self)
+        _allow_open_files(len(self.shards) + 256)   # a descriptor per shard stays open (reads are preads)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -233,8 +243,11 @@ class ShardSamples:
         if self._pid != os.getpid():   # a forked torchvision worker: its own descriptors
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        if fd is None:   # reader threads may race here: one descriptor wins, the other is closed
+            mine = os.open(self.shards[shard], os.O_RDONLY)
+            fd = self._fds.setdefault(shard, mine)
+            if fd != mine:
+                os.close(mine)
         return fd
 
     def read(self, i: int) -> tuple[np.ndarray, int]:
