@@ -126,6 +126,19 @@ def test_make_shards_skips_damaged_inputs_by_name_and_resumes_per_shard(demo, tm
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_command_writes_train_and_val_shard_sets(demo, tmp_path, capsys):
+    from fastmoco.pipelines.make_shards import main
+
+    photos = demo / "photos"
+    main([str(photos / "train"), str(tmp_path / "out"), "--shard-size", "150kB", "--val", str(photos / "val")])
+    train, val = ShardSamples(tmp_path / "out"), ShardSamples(tmp_path / "out" / "val")
+    assert (len(train), len(val)) == (24, 11) and val.classes == train.classes and len(train.shards) >= 4
+    assert all(t.name.startswith("val-") for t in val.shards)
+    assert "24 samples, 11 classes" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="fastmoco-make-shards: --shard-size: expected a size"):
+        main([str(photos / "train"), str(tmp_path / "x"), "--shard-size", "big"])
+
+
 def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
     with pytest.raises(ValueError, match="--shard-size"):
