@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import DatasetError, list_classes, scan_image_folder
+from .folder import BadImageWarning, DatasetError, list_classes, scan_image_folder
 from .shards import LABEL_EXT, MANIFEST, MANIFEST_FORMAT, format_index, sha256_file
 
 TAR_BLOCK = 512
@@ -76,7 +76,8 @@ def write_shard(path: Path, samples: list[tuple[str, int, str]]) -> dict:
             for src, label, key in samples:
                 ext = "png" if src.lower().endswith(".png") else "jpg"
                 members = []
-                for name, data in ((f"{key}.{ext}", Path(src).read_bytes()), (f"{key}.{LABEL_EXT}", str(label).encode())):
+                pair = ((f"{key}.{ext}", Path(src).read_bytes()), (f"{key}.{LABEL_EXT}", str(label).encode()))
+                for name, data in pair:
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(data), 0, 0o644
                     tar.addfile(info, io.BytesIO(data))
@@ -108,7 +109,7 @@ def make_shards(src: str | os.PathLike, out: str | os.PathLike, *, shard_size: i
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         samples = scan_image_folder(src, file_list, verify=verify)
-    skipped = [str(w.message) for w in caught]
+    skipped = [str(w.message) for w in caught if issubclass(w.category, BadImageWarning)]
     for msg in skipped:
         log(f"fastmoco-make-shards: {msg}")
     own = None if file_list else list_classes(src)

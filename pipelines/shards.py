@@ -218,7 +218,7 @@ class ShardSamples:
             return f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)", []
         members = []
         for lineno, sample in enumerate(parse_index(index), 2):
-            by_ext = {ext: m for m in sample for ext in [m[0]]}
+            by_ext = {m[0]: m for m in sample}
             image = next((by_ext[e] for e in IMAGE_EXTS if e in by_ext), None)
             if image is None or LABEL_EXT not in by_ext:
                 return (f"{index}:{lineno}: sample {sample[0][3].split('.')[0]!r} lacks a "
