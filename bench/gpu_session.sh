@@ -12,6 +12,8 @@
 #          step on device batches, the same Trainer fed by DALI on 4096 real JPEGs (e2e), the official-style
 #          peer, the torch.compile peer with what is left of the budget, and the step breakdown.
 # extra    (not in the default) DINO ViT-S/16, R50 vs its peer, evaluation extraction img/s.
+# data     (not in the default) DALI on tar shards (tests/test_shards.py -m gpu) and the data section: the
+#          folder and shard rows of both loaders on 4096 real JPEGs.
 # Then the goals of issue 19, read from the JSON lines: e2e >= 95% of the model step, model step >= 60% MFU
 # of the measured ~790 TFLOP/s bf16 dense rate (~1700 img/s), >= 1.8x the peer.
 #
@@ -111,7 +113,10 @@ for stage in $STAGES; do
         bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS || rc_all=1 ;;
     extra)  # 4. DINO ViT-S/16 (Trainer, e2e 2x224 + 10x96, peer), R50 vs its peer, evaluation extraction
         bench extra "$X_TIMEOUT" "$X_BUDGET" --only dino,r50,eval || rc_all=1 ;;
-    *) echo "unknown stage $stage (kernels, models, vitb, extra)"; rc_all=1 ;;
+    data)  # (not in the default; issue 25) DALI on tar shards: GPU test; loader img/s, folder vs shards rows
+        gpu_tests shards "$DALI_TESTS_TIMEOUT" tests/test_shards.py || rc_all=1
+        bench data "$X_TIMEOUT" "$X_BUDGET" --only data || rc_all=1 ;;
+    *) echo "unknown stage $stage (kernels, models, vitb, extra, data)"; rc_all=1 ;;
     esac
 done
 

@@ -1,7 +1,9 @@
 """Data pipeline and end to end.
 
 - data: images/s of the two-crop loaders (`benchmark_pipeline`, also a CLI:
-  `python -m bench.pipeline DATA_DIR --backend dali`) on a JPEG folder: DALI (GPU
+  `python -m bench.pipeline DATA_DIR --backend dali [--source shards]`) on a JPEG
+  folder, and (rows "dali shards", "torchvision shards") on the same images as tar
+  shards (`fastmoco-make-shards`, made once beside the folder): DALI (GPU
   decode and augmentation; its CPU twin without a GPU) and the torchvision/PIL
   fallback. One image = its two augmented views, delivered in the training dtype on
   the training device, counted as the training loop sees them. For DALI on the GPU
@@ -83,14 +85,26 @@ def demo_folder(num_images: int, root: Path = DEFAULT_DATA_ROOT, workers: int | 
     return out
 
 
+def demo_shards(data_dir: Path, root: Path = DEFAULT_DATA_ROOT, shard_size: int = 32 * 10**6) -> Path:
+    """`data_dir` as tar shards in root/<name>_shards (made once: the writer keeps finished shards)."""
+    from fastmoco.pipelines.make_shards import make_shards
+
+    out = root / f"{Path(data_dir).name}_shards"
+    make_shards(data_dir, out, shard_size=shard_size, log=lambda msg: None)
+    return out
+
+
 def bench_data(data_dir: Path, backends: list[str], *, batch: int, threads: int, num_batches: int, warmup: int,
-               image_size: int, device) -> list[dict]:
+               image_size: int, device, sources: tuple[str, ...] = ("folder",)) -> list[dict]:
     out = []
-    for backend in backends:
-        rec = {"section": "data", "name": backend, "build": str(device.type), "shape": f"b{batch} t{threads}"}
+    for source, backend in [(s, b) for s in sources for b in backends]:
+        name = backend if source == "folder" else f"{backend} {source}"
+        rec = {"section": "data", "name": name, "build": str(device.type), "shape": f"b{batch} t{threads}"}
         try:
-            r = benchmark_pipeline(str(data_dir), backend, batch_size=batch, num_threads=threads,
-                                   num_batches=num_batches, warmup=warmup, image_size=image_size, device=device)
+            path = data_dir if source == "folder" else demo_shards(data_dir)
+            r = benchmark_pipeline(str(path), backend, batch_size=batch, num_threads=threads,
+                                   num_batches=num_batches, warmup=warmup, image_size=image_size, device=device,
+                                   source=source)
             ips = r["images_per_s"]
             metrics = {"img_per_s": ips, "batches": r.get("batches"), "seconds": r.get("seconds"),
                        "images_in_folder": r.get("samples_in_dataset"), "dtype": r.get("dtype")}
@@ -193,8 +207,9 @@ def _gpu_kernel_ms(loader, batches: int) -> float | None:
 def benchmark_pipeline(data_dir: str, backend: str = "dali", batch_size: int = 256, num_threads: int = 16,
                        num_batches: int = 50, warmup: int = 5, image_size: int = 224,
                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                       profile_batches: int = 5, hw_decoder_load: float = 0.65) -> dict:
-    """Images/s of `backend` ("dali" | "torchvision" | "synthetic") on `data_dir`.
+                       profile_batches: int = 5, hw_decoder_load: float = 0.65, source: str = "folder") -> dict:
+    """Images/s of `backend` ("dali" | "torchvision" | "synthetic") on `data_dir`, an image folder or
+    (`source="shards"`) a shard set.
 
     `num_threads`: DALI CPU threads, or torchvision DataLoader workers. The
     epoch wraps around when `num_batches + warmup` exceed it. Returns
@@ -204,19 +219,21 @@ def benchmark_pipeline(data_dir: str, backend: str = "dali", batch_size: int = 2
     from fastmoco.config import DataConfig
     from fastmoco.pipelines import build_loader, scan_image_folder
     from fastmoco.pipelines.dali import HAS_DALI, DaliTwoCropLoader
+    from fastmoco.pipelines.shards import ShardSamples
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = DataConfig(source="synthetic" if backend == "synthetic" else "folder", path=str(data_dir),
+    cfg = DataConfig(source="synthetic" if backend == "synthetic" else source, path=str(data_dir),
                      backend=backend if backend != "synthetic" else "dali", image_size=image_size,
                      num_threads=num_threads, synthetic_size=max(batch_size * 4, 1024))
     if backend == "dali":
         if not HAS_DALI:
             raise ImportError("nvidia-dali is not installed")
-        loader = DaliTwoCropLoader(scan_image_folder(data_dir), cfg, batch_size=batch_size, device=device,
+        samples = ShardSamples(data_dir) if source == "shards" else scan_image_folder(data_dir)
+        loader = DaliTwoCropLoader(samples, cfg, batch_size=batch_size, device=device,
                                    dtype=dtype, hw_decoder_load=hw_decoder_load)
     else:
         loader = build_loader(cfg, batch_size=batch_size, device=device, dtype=dtype)
@@ -272,9 +289,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--device", default=None)
     ap.add_argument("--hw-decoder-load", type=float, default=0.65)
+    ap.add_argument("--source", default="folder", choices=["folder", "shards"],
+                    help="shards: DATA_DIR is a shard manifest or folder (fastmoco-make-shards)")
     args = ap.parse_args(argv)
     res = benchmark_pipeline(args.data_dir, args.backend, args.batch_size, args.num_threads, args.num_batches,
-                             args.warmup, args.image_size, args.device, hw_decoder_load=args.hw_decoder_load)
+                             args.warmup, args.image_size, args.device, hw_decoder_load=args.hw_decoder_load,
+                             source=args.source)
     print(json.dumps(res, indent=1))
 
 
@@ -284,7 +304,7 @@ if __name__ == "__main__":
 
 # -- report ---------------------------------------------------------------------------------------
 
-TITLES = {"data": "data pipeline: two-crop images/s on a JPEG folder (one image = its two views)",
+TITLES = {"data": "data pipeline: two-crop images/s on a JPEG folder and its tar shards (one image = its two views)",
           "e2e": "end to end: fastmoco/train.py fed by the real pipeline (median of logged intervals after the first)"}
 
 

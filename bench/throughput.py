@@ -270,7 +270,7 @@ def run_data(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: 
 
     backends = ["dali", "torchvision"]
     if data_dir is None:
-        for b in backends:
+        for b in backends + [f"{b} shards" for b in backends]:
             sink.emit({"section": "data", "name": b, "build": device.type, "status": "unavailable", "reason": why})
         return
     threads = 2 if smoke else min(16, os.cpu_count() or 1)
@@ -278,7 +278,7 @@ def run_data(args, sink: Sink, device, smoke: bool, data_dir: Path | None, why: 
         kw = dict(batch=4, threads=threads, num_batches=2, warmup=1, image_size=32)
     else:
         kw = dict(batch=256, threads=threads, num_batches=10 if args.quick else 30, warmup=4, image_size=224)
-    for rec in pipeline.bench_data(data_dir, backends, device=device, **kw):
+    for rec in pipeline.bench_data(data_dir, backends, device=device, sources=("folder", "shards"), **kw):
         sink.emit(rec)
 
 

@@ -66,8 +66,9 @@ class DINOConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "folder"           # folder | synthetic
-    path: str = ""                   # ImageFolder-style root (labels are the class folders)
+    source: str = "folder"           # folder | shards | synthetic
+    path: str = ""                   # ImageFolder-style root (labels are the class folders); shards: the
+                                     # manifest or folder of fastmoco-make-shards (pipelines/shards.py)
     file_list: str = ""              # optional text file: "<relative path> <label>" per line
     backend: str = "dali"            # dali | torchvision (fallback) ; synthetic ignores it
     image_size: int = 224
@@ -90,6 +91,7 @@ class DataConfig:
     num_threads: int = 8             # DALI CPU threads / torchvision workers
     synthetic_size: int = 256        # samples per epoch of the synthetic source
     seed: int = 0
+    shuffle_buffer: int = 1024       # shards: samples in each rank's shuffle buffer (after the shard order)
     max_bad_fraction: float = 0.01   # refuse the run when more of the files than this are unusable
     verify_images: bool = False      # decode every file once with PIL before training: names and skips
                                      # JPEGs damaged inside, which DALI's decoder would train on

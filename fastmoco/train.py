@@ -133,6 +133,8 @@ class Trainer:
         self.loader = build_loader(cfg.data, batch_size=self.micro, shard_id=self.rank, num_shards=self.world,
                                    device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.steps_per_epoch = len(self.loader)
+        if getattr(self.loader.plan, "describe", None):   # shards: what an epoch leaves out, stated
+            self._print(self.loader.plan.describe())
         # The kNN monitor's folders are checked now too (None when the config has no eval section).
         from fastmoco.evaluation.monitor import KnnMonitor
         self.monitor = KnnMonitor.from_config(cfg, micro_batch=self.micro, device=self.device,

@@ -10,7 +10,8 @@
 
 Backends: DALI (default; GPU decode and augmentation, or its CPU twin when
 `device` is the CPU), torchvision/PIL (fallback, also used when DALI cannot
-be imported), synthetic (`cfg.source == "synthetic"`, no files).
+be imported), synthetic (`cfg.source == "synthetic"`, no files). Sources: an
+ImageFolder or file list (`"folder"`), tar shards (`"shards"`, pipelines/shards.py).
 """
 from __future__ import annotations
 
@@ -36,12 +37,18 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
     if cfg.source == "synthetic":
         return SyntheticTwoCropLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                                       device=device, dtype=dtype, train=train)
-    if cfg.source != "folder":
-        raise ValueError(f"data.source must be 'folder' or 'synthetic', got {cfg.source!r}")
+    if cfg.source not in ("folder", "shards"):
+        raise ValueError(f"data.source must be 'folder', 'shards' or 'synthetic', got {cfg.source!r}")
     if cfg.backend not in ("dali", "torchvision"):
         raise ValueError(f"data.backend must be 'dali' or 'torchvision', got {cfg.backend!r}")
-    samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
-                                verify=cfg.verify_images)
+    if cfg.source == "shards":
+        from .shards import ShardSamples
+
+        samples = ShardSamples(cfg.path, verify=cfg.verify_images, max_bad_fraction=cfg.max_bad_fraction,
+                               shuffle_buffer=cfg.shuffle_buffer)
+    else:
+        samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
+                                    verify=cfg.verify_images)
     kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
                   dtype=dtype, train=train)
     if cfg.backend == "dali":

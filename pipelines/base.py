@@ -174,12 +174,13 @@ class DataCursor:
 
 class TwoCropLoader(abc.ABC):
     """Interface of the DALI, torchvision and synthetic two-crop loaders: the plan of `num_samples`
-    samples and its cursor, built here once for every backend."""
+    samples (or the source's own `plan`: shards.ShardOrderPlan) and its cursor, built here once for
+    every backend."""
 
     def __init__(self, cfg, num_samples: int, *, batch_size: int, shard_id: int, num_shards: int,
-                 device: torch.device | str, dtype: torch.dtype, train: bool):
-        self.plan = ShardPlan(num_samples, batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
-                              train=train)
+                 device: torch.device | str, dtype: torch.dtype, train: bool, plan: ShardPlan | None = None):
+        self.plan = plan or ShardPlan(num_samples, batch_size, shard_id=shard_id, num_shards=num_shards,
+                                      seed=cfg.seed, train=train)
         self.cursor = DataCursor(self.plan)
         self.cfg = cfg
         self.train = train

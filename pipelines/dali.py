@@ -85,7 +85,7 @@ import torch
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
                    TwoCropLoader, augment_params, mix_seed)
-from .folder import BadSamples
+from .folder import BadSamples, sample_source
 
 try:
     import nvidia.dali.fn as fn
@@ -183,8 +183,9 @@ def _view(image, image_shape, spec: dict, p: dict, to_dev, debug: bool):
 
 
 class EncodedFeeder:
-    """The external source of the graph: batches of (encoded file bytes, label) as the loader's
-    cursor lists them from where the pipeline starts, with no rebuild between epochs.
+    """The external source of the graph: batches of (encoded image bytes, label) of an encoded-sample
+    source (folder.FileSamples: files; shards.ShardSamples: tar members) as the loader's cursor lists
+    them from where the pipeline starts, with no rebuild between epochs.
 
     Training batches run on through every later epoch (DALI prefetches a few batches ahead,
     into the next epoch at the end of one). Evaluation walks one epoch and pads its last batch
@@ -192,10 +193,9 @@ class EncodedFeeder:
     pool: file reads release the GIL.
     """
 
-    def __init__(self, files: list[str], labels: np.ndarray, cursor: DataCursor, num_threads: int = 8,
-                 bad: BadSamples | None = None):
-        self.files, self.labels = files, labels
-        self.bad = bad or BadSamples(files)
+    def __init__(self, source, cursor: DataCursor, num_threads: int = 8, bad: BadSamples | None = None):
+        self.source = source
+        self.bad = bad or source.bad_samples(1.0)
         self.batch_size = cursor.plan.batch_size
         self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
         self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
@@ -205,15 +205,15 @@ class EncodedFeeder:
         if len(idx) < self.batch_size:  # evaluation's last batch: pad
             idx = np.resize(idx, self.batch_size)
         read = list(self._pool.map(self._read, idx))
-        return [data for _, data in read], [self.labels[i:i + 1] for i, _ in read]
+        return [data for data, _ in read], [np.array([label], dtype=np.int32) for _, label in read]
 
-    def _read(self, index: int) -> tuple[int, np.ndarray]:
-        """(index, bytes) of sample `index`, or of its stand-in if it is known bad or unreadable
-        (deleted since the scan)."""
+    def _read(self, index: int) -> tuple[np.ndarray, int]:
+        """(bytes, label) of sample `index`, or of its stand-in if it is known bad or unreadable
+        (deleted since the scan, a truncated shard)."""
         while True:
             index = self.bad.replacement(index)
             try:
-                return index, np.fromfile(self.files[index], dtype=np.uint8)
+                return self.source.read(index)
             except OSError as e:
                 self.bad.mark(index, f"unreadable ({e.strerror or e})")
 
@@ -262,7 +262,8 @@ if HAS_DALI:
 
 
 class DaliTwoCropLoader(TwoCropLoader):
-    """DALI-backed `TwoCropLoader` over a list of (path, label) samples.
+    """DALI-backed `TwoCropLoader` over a list of (path, label) samples or an encoded-sample source
+    (`folder.sample_source`: shards.ShardSamples for tar shards).
 
     On a CUDA `device` the graph runs on that GPU and the views reach torch
     through DLPack without a host round trip, then are cast to `dtype` in one
@@ -270,16 +271,17 @@ class DaliTwoCropLoader(TwoCropLoader):
     holds the debug outputs of the latest batch (numpy, per view).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], cfg, *, batch_size: int, shard_id: int = 0,
+    def __init__(self, samples, cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  train: bool = True, debug: bool = False, hw_decoder_load: float = 0.65,
                  prefetch_queue_depth: int = 2):
         if not HAS_DALI:
             raise ImportError("nvidia-dali is not installed")
-        super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                         device=device, dtype=dtype, train=train)
-        self.files = [s[0] for s in samples]
-        self.labels = np.asarray([s[1] for s in samples], dtype=np.int32)
+        self.source = sample_source(samples)
+        super().__init__(cfg, len(self.source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                         device=device, dtype=dtype, train=train,
+                         plan=self.source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
+                                               train=train))
         self.aug = augment_params(cfg)
         self.debug = debug
         self.hw_decoder_load = hw_decoder_load
@@ -290,7 +292,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         self._pipe_moves = -1   # the cursor's `moves` when the pipeline was built: another means a jump
         self._pipe_ran = False  # whether the pipeline handed out a batch since it was built
         self._dali_state: str | None = None  # random state to build the next pipeline from (resume)
-        self.bad = BadSamples(self.files, cfg.max_bad_fraction)
+        self.bad = self.source.bad_samples(cfg.max_bad_fraction)
 
     def state_dict(self) -> dict:
         """The position and, when training, DALI's random state there (None if unknown: after a jump)."""
@@ -318,7 +320,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
-        self._feeder = EncodedFeeder(self.files, self.labels, self.cursor,
+        self._feeder = EncodedFeeder(self.source, self.cursor,
                                      num_threads=min(8, max(1, self.cfg.num_threads)), bad=self.bad)
         restore = {}
         if self._dali_state is not None:

@@ -89,14 +89,19 @@ def _jpeg_frame(f) -> tuple[int, int, int] | None:
 def check_image_file(path: str | os.PathLike) -> str | None:
     """Why `path` cannot be decoded safely (a short reason), or None if it looks fine."""
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(_SIGNATURE_BYTES)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read(_TAIL_BYTES)
-            frame = _jpeg_frame(f) if head.startswith(_JPEG_SOI) else None
+            return image_problem(f, os.path.getsize(path))
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
+
+
+def image_problem(f, size: int) -> str | None:
+    """`check_image_file` of the `size` bytes open as the binary file `f` (a file, or a shard
+    member in a BytesIO)."""
+    head = f.read(_SIGNATURE_BYTES)
+    f.seek(max(0, size - _TAIL_BYTES))
+    tail = f.read(_TAIL_BYTES)
+    frame = _jpeg_frame(f) if head.startswith(_JPEG_SOI) else None
     if head.startswith(_JPEG_SOI):
         if not tail.rstrip(b"\x00").endswith(_JPEG_EOI):
             return "truncated JPEG (no end-of-image marker)"
@@ -113,7 +118,8 @@ def check_image_file(path: str | os.PathLike) -> str | None:
     return "not a JPEG or PNG file (unrecognised header)"
 
 
-def _verify_decode(path: str) -> str | None:
+def _verify_decode(path) -> str | None:
+    """Why `path` (a file name or a binary file object) does not decode fully with PIL, or None."""
     from PIL import Image
 
     try:
@@ -122,6 +128,13 @@ def _verify_decode(path: str) -> str | None:
     except Exception as e:  # noqa: BLE001 - any decode failure means: skip this file
         return f"does not decode ({type(e).__name__}: {e})"
     return None
+
+
+def verify_decode_bytes(data: bytes) -> str | None:
+    """`_verify_decode` of encoded image bytes (a shard member)."""
+    import io
+
+    return _verify_decode(io.BytesIO(data))
 
 
 def _check(path: str, verify: bool) -> str | None:
@@ -257,3 +270,37 @@ class BadSamples:
                 self.mark(i, reason)
                 found.append(i)
         return found
+
+
+class FileSamples:
+    """The encoded-sample source of a folder scan: `read(i)` gives (file bytes as uint8, label). The
+    loaders read every source (this one, shards.ShardSamples) through this interface."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.files = [s[0] for s in samples]
+        self.labels = [int(s[1]) for s in samples]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return self.files[i]
+
+    def read(self, i: int):
+        import numpy as np
+
+        return np.fromfile(self.files[i], dtype=np.uint8), self.labels[i]
+
+    def bad_samples(self, max_fraction: float) -> BadSamples:
+        return BadSamples(self.files, max_fraction)
+
+    def plan(self, batch_size: int, *, shard_id: int, num_shards: int, seed: int, train: bool):
+        from .base import ShardPlan
+
+        return ShardPlan(len(self), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train)
+
+
+def sample_source(samples):
+    """A loader's `samples` as an encoded-sample source: a (path, label) list becomes `FileSamples`;
+    a source (shards.ShardSamples) is used as it is."""
+    return samples if hasattr(samples, "read") else FileSamples(samples)

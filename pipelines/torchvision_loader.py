@@ -14,6 +14,7 @@ of workers.
 """
 from __future__ import annotations
 
+import io
 import math
 
 import torch
@@ -24,7 +25,7 @@ from torchvision.transforms import functional as TF
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
                    TwoCropLoader, augment_params, mix_seed)
-from .folder import BadSamples
+from .folder import sample_source
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -103,18 +104,16 @@ class TwoCropDataset(torch.utils.data.Dataset):
     """Item (epoch, index) -> (*views, label) (one view per crop spec); the epoch travels with the index
     so that (persistent) workers need no state."""
 
-    def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True,
-                 max_bad_fraction: float = 1.0):
-        self.samples, self.aug, self.seed, self.train = samples, aug, seed, train
-        self.bad = BadSamples([p for p, _ in samples], max_bad_fraction)
+    def __init__(self, samples, aug: dict, seed: int, train: bool = True, max_bad_fraction: float = 1.0):
+        self.source, self.aug, self.seed, self.train = sample_source(samples), aug, seed, train
+        self.bad = self.source.bad_samples(max_bad_fraction)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        img, index = self._load(index)
-        label = self.samples[index][1]
+        img, index, label = self._load(index)
         if not self.train:
             v = eval_view(img, self.aug["image_size"])
             return v, v, label
@@ -124,14 +123,15 @@ class TwoCropDataset(torch.utils.data.Dataset):
             views.append(augment(img, self.aug, spec, g))
         return (*views, label)
 
-    def _load(self, index: int) -> tuple[Image.Image, int]:
-        """(RGB image, index) of sample `index`, or of its stand-in when it cannot be read or
-        decoded (damaged, deleted since the scan); see folder.BadSamples."""
+    def _load(self, index: int) -> tuple[Image.Image, int, int]:
+        """(RGB image, index, label) of sample `index`, or of its stand-in when it cannot be read or
+        decoded (damaged, deleted since the scan, in a truncated shard); see folder.BadSamples."""
         while True:
             index = self.bad.replacement(index)
             try:
-                with Image.open(self.samples[index][0]) as f:
-                    return f.convert("RGB"), index
+                data, label = self.source.read(index)
+                with Image.open(io.BytesIO(data)) as f:
+                    return f.convert("RGB"), index, label
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self.bad.mark(index, f"does not decode ({type(e).__name__}: {e})")
 
@@ -156,14 +156,16 @@ class _BatchSampler:
 class TorchvisionTwoCropLoader(TwoCropLoader):
     """`TwoCropLoader` on a torch DataLoader with `num_workers` worker processes."""
 
-    def __init__(self, samples: list[tuple[str, int]], cfg, *, batch_size: int, shard_id: int = 0,
+    def __init__(self, samples, cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  train: bool = True, num_workers: int | None = None):
-        super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                         device=device, dtype=dtype, train=train)
+        self.source = source = sample_source(samples)   # (path, label) list, or shards.ShardSamples
+        super().__init__(cfg, len(source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+                         device=device, dtype=dtype, train=train,
+                         plan=source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
+                                          train=train))
         workers = cfg.num_threads if num_workers is None else num_workers
-        self.files = [s[0] for s in samples]   # sample i's path, as DaliTwoCropLoader's
-        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
+        self.dataset = TwoCropDataset(source, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
         pin = self.device.type == "cuda"
         # Workers are forked per iteration (cheap next to an epoch): persistent ones
         # were seen to stall interpreter shutdown / garbage collection for 5 s each.

@@ -27,6 +27,7 @@ to a square.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 
@@ -47,9 +48,10 @@ class AttentionError(ValueError):
 
 
 # -- the maps ------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike, size: int) -> tuple[np.ndarray, torch.Tensor]:
+def load_image(path: str | os.PathLike | io.BytesIO, size: int) -> tuple[np.ndarray, torch.Tensor]:
     """(size, size, 3) uint8 picture and its normalised (3, size, size) fp32 input: the shorter side
-    resized to `size` (bicubic), centre-cropped square, ImageNet mean/std."""
+    resized to `size` (bicubic), centre-cropped square, ImageNet mean/std. `path`: a file, or the
+    encoded bytes of one (a tar shard's member) in a BytesIO whose `name` says what it is."""
     import torchvision.transforms.functional as TF
     from PIL import Image
     from torchvision.transforms import InterpolationMode
@@ -60,7 +62,8 @@ def load_image(path: str | os.PathLike, size: int) -> tuple[np.ndarray, torch.Te
         with Image.open(path) as f:
             img = f.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
-        raise AttentionError(f"image {str(path)!r} cannot be read ({type(e).__name__}: {e})") from None
+        raise AttentionError(f"image {str(getattr(path, 'name', path))!r} cannot be read "
+                             f"({type(e).__name__}: {e})") from None
     img = TF.center_crop(TF.resize(img, size, InterpolationMode.BICUBIC), [size, size])
     return np.asarray(img).copy(), TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 

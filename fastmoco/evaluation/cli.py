@@ -40,8 +40,8 @@ def _setup_distributed() -> torch.device:
 def _common(p: argparse.ArgumentParser, train_required: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, help="fastmoco checkpoint/run dir, official .pth.tar, "
                                                        "or .safetensors backbone")
-    p.add_argument("--train", required=train_required, help="labelled ImageFolder (train split)")
-    p.add_argument("--val", required=train_required, help="labelled ImageFolder (val split)")
+    p.add_argument("--train", required=train_required, help="labelled ImageFolder or tar shard set (train split)")
+    p.add_argument("--val", required=train_required, help="labelled ImageFolder or tar shard set (val split)")
     p.add_argument("--train-list", default="", help="optional file list for --train")
     p.add_argument("--val-list", default="", help="optional file list for --val")
     p.add_argument("--encoder", default="", choices=("", "online", "momentum"),

@@ -47,15 +47,21 @@ class LabelledSplit:
     file_list: str = ""
     classes: list[str] | None = None
     relabel: torch.Tensor | None = None    # own label -> label of the reference split
+    source: str = "folder"                 # or "shards": a manifest or folder of tar shards
 
     @classmethod
     def scan(cls, name: str, path: str, file_list: str = "", reference: "LabelledSplit | None" = None):
         if not path:
             raise EvalDataError(f"{name} split: no folder given")
-        if not Path(path).is_dir():
+        from fastmoco.pipelines.shards import is_shard_set, manifest_classes
+
+        shards = is_shard_set(path)   # tar shards (fastmoco-make-shards): classes from their manifest
+        if not shards and not Path(path).is_dir():
             raise EvalDataError(f"{name} split: folder {path!r} does not exist or is not a directory")
-        split = cls(name, str(path), file_list)
-        if not file_list:
+        split = cls(name, str(path), file_list, source="shards" if shards else "folder")
+        if shards:
+            split.classes = manifest_classes(path)
+        elif not file_list:
             split.classes = class_folders(path)
             if not split.classes:
                 raise EvalDataError(f"{name} split: {path!r} has no class folders (expected root/<class>/<image>)")
@@ -78,7 +84,7 @@ class LabelledSplit:
         augmentation as set in `data_cfg`), sharded over the ranks."""
         from fastmoco.pipelines import build_loader
 
-        cfg = replace(data_cfg, source="folder", path=self.path, file_list=self.file_list, image_size=image_size)
+        cfg = replace(data_cfg, source=self.source, path=self.path, file_list=self.file_list, image_size=image_size)
         return build_loader(cfg, batch_size=batch_size, shard_id=get_rank(), num_shards=get_world_size(),
                             device=device, dtype=dtype, train=train)
 

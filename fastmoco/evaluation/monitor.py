@@ -24,6 +24,7 @@ attention figure to TensorBoard (`eval/attention`). At the end of the run
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
@@ -62,6 +63,13 @@ class _KeepRng:
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+def _encoded(source, i: int) -> io.BytesIO:
+    """Sample i of a loader's source (a file or a tar shard's member) as an image file in memory."""
+    data = io.BytesIO(source.read(i)[0].tobytes())
+    data.name = source.name(i)
+    return data
 
 
 class KnnMonitor:
@@ -143,7 +151,8 @@ class KnnMonitor:
             if shown and isinstance(backbone, VisionTransformer):  # every rank: a forward (ZeRO-3 gathers)
                 from fastmoco.evaluation.attention import AttentionError, attention_of_files
                 try:  # the same files on every rank: all fail alike, the collectives stay in step
-                    pictures, maps = attention_of_files(backbone, [self.val_loader.files[i] for i in self.queries],
+                    pictures, maps = attention_of_files(backbone, [_encoded(self.val_loader.source, i)
+                                                                   for i in self.queries],
                                                         size=self.image_size, device=self.val_loader.device,
                                                         dtype=self.val_loader.dtype, bf16=self.bf16)
                 except AttentionError as e:  # a picture must not stop the training
@@ -165,8 +174,9 @@ class KnnMonitor:
             label = int(label)
             return {"path": path, "label": label, "class": names[label] if names else str(label), **extra}
 
-        return [item(self.val_loader.files[i], query_labels[i],
-                     neighbours=[item(self.train_loader.files[j], bank_labels[j], similarity=round(float(s), 4))
+        val, train = self.val_loader.source, self.train_loader.source
+        return [item(val.name(i), query_labels[i],
+                     neighbours=[item(train.name(j), bank_labels[j], similarity=round(float(s), 4))
                                  for s, j in zip(sims[row].tolist(), idx[row].tolist())])
                 for row, i in enumerate(self.queries.tolist())]
 
