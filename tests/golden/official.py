@@ -8,7 +8,8 @@
 Shims, all here, none in the project:
 - moco-v3's vits.py was written against timm 0.4.9. timm 1.0 moved `timm.models.layers.helpers.to_2tuple`
   to `timm.layers`, renamed VisionTransformer.num_tokens to num_prefix_tokens, and passes its patch
-  embedding `bias` and `dynamic_img_pad`, which vits.ConvStem does not take. The ViT itself (patch
+  embedding arguments (`bias`, `dynamic_img_pad`, `device`, ...) that vits.ConvStem does not take (all at
+  their defaults here: a bias on the 1x1 projection, no padding, CPU). The ViT itself (patch
   embedding, class token + position embedding, pre-norm blocks, final norm, class token to the head) is
   the same computation in both versions.
 - The official code has no ViT as small as fastmoco's CPU test arch: `register_tiny_vits` adds `vit_test`
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import socket
 import sys
 import types
@@ -77,9 +79,11 @@ def _shim_timm() -> None:
 def register_tiny_vits(vits) -> None:
     """vits.vit_test / vits.vit_conv_test: vits.vit_small's construction at fastmoco's CPU test sizes."""
 
+    takes = inspect.signature(vits.ConvStem.__init__).parameters
+
     class ConvStem(vits.ConvStem):
-        def __init__(self, *, bias: bool = True, dynamic_img_pad: bool = False, **kwargs):  # timm 1.0's extras
-            super().__init__(**kwargs)
+        def __init__(self, **kwargs):  # without timm 1.0's extra arguments (bias, dynamic_img_pad, device, ...)
+            super().__init__(**{k: v for k, v in kwargs.items() if k in takes})
 
     for name, size in TINY_VITS.items():
         size = dict(size)
