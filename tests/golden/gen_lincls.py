@@ -58,7 +58,7 @@ def _main_lincls(path: Path, arch: str) -> dict:
     import main_lincls
     import vits
 
-    official.register_tiny_vits(vits)
+    official.prepare_vits(vits)
     record = {}
     real_load, real_load_state_dict = torch.load, torch.nn.Module.load_state_dict
 

@@ -85,7 +85,7 @@ def _build(c: dict):
     import torchvision.models as torchvision_models
     import vits
 
-    official.register_tiny_vits(vits)
+    official.prepare_vits(vits)
     if c["arch"].startswith("vit"):   # main_moco.main_worker's two constructions
         return moco.builder.MoCo_ViT(partial(vits.__dict__[c["arch"]], stop_grad_conv1=c["stop_grad_conv1"]),
                                      c["dim"], c["mlp_dim"], c["tau"])

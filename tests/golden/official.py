@@ -12,7 +12,7 @@ Shims, all here, none in the project:
   their defaults here: a bias on the 1x1 projection, no padding, CPU). The ViT itself (patch
   embedding, class token + position embedding, pre-norm blocks, final norm, class token to the head) is
   the same computation in both versions.
-- The official code has no ViT as small as fastmoco's CPU test arch: `register_tiny_vits` adds `vit_test`
+- The official code has no ViT as small as fastmoco's CPU test arch: `prepare_vits` adds `vit_test`
   (and `vit_conv_test`) to vits.py's namespace, built exactly as its `vit_small` with smaller numbers.
 - The official code gathers keys (moco-v3) and all-reduces the center (dino) with torch.distributed:
   one gloo process makes those the identity they are on one GPU.
@@ -76,18 +76,23 @@ def _shim_timm() -> None:
         timm_vit.VisionTransformer.num_tokens = property(lambda self: self.num_prefix_tokens)
 
 
-def register_tiny_vits(vits) -> None:
-    """vits.vit_test / vits.vit_conv_test: vits.vit_small's construction at fastmoco's CPU test sizes."""
+def prepare_vits(vits) -> None:
+    """vits.ConvStem made to take timm 1.0's patch-embedding arguments (vit_conv_small/base look it up by
+    name when called), and vits.vit_test / vits.vit_conv_test: vits.vit_small's construction at fastmoco's
+    CPU test sizes. Idempotent."""
+    if not getattr(vits.ConvStem, "takes_timm_1", False):
+        takes = inspect.signature(vits.ConvStem.__init__).parameters
 
-    takes = inspect.signature(vits.ConvStem.__init__).parameters
+        class ConvStem(vits.ConvStem):
+            takes_timm_1 = True
 
-    class ConvStem(vits.ConvStem):
-        def __init__(self, **kwargs):  # without timm 1.0's extra arguments (bias, dynamic_img_pad, device, ...)
-            super().__init__(**{k: v for k, v in kwargs.items() if k in takes})
+            def __init__(self, **kwargs):  # without timm 1.0's extra arguments (bias, dynamic_img_pad, device, ...)
+                super().__init__(**{k: v for k, v in kwargs.items() if k in takes})
 
+        vits.ConvStem = ConvStem
     for name, size in TINY_VITS.items():
         size = dict(size)
-        extra = {"embed_layer": ConvStem} if size.pop("conv", False) else {}
+        extra = {"embed_layer": vits.ConvStem} if size.pop("conv", False) else {}
         setattr(vits, name, partial(vits.VisionTransformerMoCo, mlp_ratio=4, qkv_bias=True,
                                     norm_layer=partial(nn.LayerNorm, eps=1e-6), **size, **extra))
 
