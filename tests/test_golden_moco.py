@@ -28,8 +28,10 @@ NOISE = 1e-6                             # a gradient this small next to the lar
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("golden_moco") / "steps.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)  # the reference ops; the kernels have their own tests
+    # CPU and fp32 as the golden files were made, on a GPU box too; the reference ops (the kernels have
+    # their own tests)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, str(WORKER), str(out), *CASES], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     if p.returncode != 0:

@@ -2,7 +2,8 @@
 MoCo_ResNet) driven by main_moco.py's own train() loop: per-iteration lr and momentum
 (adjust_learning_rate, adjust_moco_momentum), the forward that updates the momentum encoder before it
 computes the keys, backward and the optimizer step (AdamW or moco/optimizer.py's LARS, as main_worker
-builds them, AdamW with eps 1e-4: see ADAMW_EPS), on the CPU in fp32 (autocast and GradScaler turn themselves off without CUDA).
+builds them, AdamW with eps 1e-4: see ADAMW_EPS), on the CPU in fp32 (autocast and GradScaler turn
+themselves off without CUDA).
 
 Cases (fastmoco's CPU configs, so the test can run the Trainer on them): "vit" (vits.py's ViT at
 fastmoco's vit_test sizes, stop-grad patch projection, AdamW), "vit_conv" (vits.py's conv stem at

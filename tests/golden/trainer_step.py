@@ -43,7 +43,8 @@ def run_case(name: str, tmp: Path) -> dict:
                  "schedule.warmup_epochs": meta["warmup_epochs"], "data.synthetic_size": meta["batch"] * meta["iters"],
                  "deepspeed.train_micro_batch_size_per_gpu": meta["batch"], "deepspeed.gradient_clipping": 0.0,
                  "logging.out_dir": str(tmp / name), "logging.tensorboard": "false", "logging.progress": "false"}
-    cfg = load_config(TESTS.parent / "configs" / c["config"], [a for k, v in overrides.items() for a in (f"--{k}", str(v))])
+    cfg = load_config(TESTS.parent / "configs" / c["config"],
+                      [a for k, v in overrides.items() for a in (f"--{k}", str(v))])
     assert (cfg.model.arch, cfg.model.img_size) == (c["arch"], c["img"]), (cfg.model.arch, cfg.model.img_size)
     trainer = Trainer(cfg)
     assert trainer.steps_per_epoch == meta["iters"], trainer.steps_per_epoch
