@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # What identifies each checkout, and the files whose content the golden files depend on.
-MOCO_V3_FILES = ("moco/builder.py", "moco/optimizer.py", "vits.py", "main_moco.py", "main_lincls.py", "CONFIG.md")
-DINO_FILES = ("main_dino.py", "utils.py", "vision_transformer.py", "README.md")
+MOCO_V3_FILES = ("moco/builder.py", "moco/optimizer.py", "moco/loader.py", "vits.py", "main_moco.py", "main_lincls.py",
+                 "CONFIG.md")
+DINO_FILES = ("main_dino.py", "utils.py", "vision_transformer.py", "run_with_submitit.py", "README.md")
 # fastmoco's CPU test archs (fastmoco/models/vit.py VIT_SIZES), as vits.py would define them.
 TINY_VITS = {"vit_test": dict(img_size=32, patch_size=8, embed_dim=72, depth=2, num_heads=3),
              "vit_conv_test": dict(img_size=32, patch_size=16, embed_dim=72, depth=1, num_heads=3, conv=True)}
