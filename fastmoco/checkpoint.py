@@ -287,8 +287,8 @@ def load_file(path: str | Path, map_location="cpu", *, mmap: bool = False, deeps
     run code) is refused before it runs, with a CheckpointError naming the file and what it holds. Every
     file of a checkpoint is read through here: fastmoco's, DeepSpeed's at resume (`load`) and evaluation's."""
     path = Path(path)
-    allowed = "tensors, numbers, strings, containers" + (" and DeepSpeed's checkpoint records" if deepspeed_types
-                                                         else "")
+    allowed = ("tensors, numbers, strings, containers and DeepSpeed's checkpoint records" if deepspeed_types
+               else "tensors, numbers, strings and containers")
     try:
         with torch.serialization.safe_globals(_deepspeed_types() if deepspeed_types else []):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
