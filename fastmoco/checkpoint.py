@@ -19,8 +19,13 @@ exists (a run resumed from an older checkpoint) renames the old copy into
 `step_*` with COMPLETE always holds every file its manifest lists. A crash at
 any point leaves the previous complete checkpoint untouched; `find_latest`
 returns the newest checkpoint whose manifest files are all there, warning
-about any newer one it skips. A failed write (disk full) removes the staging
-directory on every rank and raises `CheckpointError` naming the path.
+about any newer one it skips (evaluation takes a run's checkpoint through it
+too). A failed write (disk full) removes the staging directory on every rank
+and raises `CheckpointError` naming the path.
+
+Every file is read by `load_file`: torch.load(weights_only=True), DeepSpeed's
+files with an allowlist of the three record types DeepSpeed writes; `load` routes
+DeepSpeed's own reads through it, so neither resume nor evaluation unpickles code.
 """
 from __future__ import annotations
 
@@ -295,8 +300,8 @@ def load_file(path: str | Path, map_location="cpu", *, mmap: bool = False, deeps
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path} is refused: it holds {_refusal(e)}, and only {allowed} are read "
-                              "(weights_only); nothing in it was run") from None
+        raise CheckpointError(f"{path} does not load as tensors and numbers only (it holds {_refusal(e)}; only "
+                              f"{allowed} are read, weights_only=True): refused, nothing in it was run") from None
     except Exception as e:  # noqa: BLE001 - a damaged file (truncated zip, bad records): name it
         raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_refusal(e)})") from None
 

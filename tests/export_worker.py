@@ -2,10 +2,11 @@
 in one process group, so DeepSpeed starts once for all of them.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/export_worker.py MODE ROOT CASE [CASE ...]
-CASE: <method>-z<stage>[-frozen] (method: moco | dino | r50; `frozen`: the patch projection is frozen).
-MODE train:  train ROOT/<CASE> two steps (its checkpoint: step 2; DINO's first lr is 0); rank 0 writes ROOT/<CASE>/live.pt: every
-             parameter and buffer of the module by name, gathered whole (ZeRO-3); fp32, so the module's
-             values are the run's weights exactly.
+CASE: <method>-z<stage>[-frozen][-bf16] (method: moco | dino | r50; frozen: the patch projection is frozen;
+      bf16: bf16 module and DeepSpeed's fp32 copies, else fp32).
+MODE train:  train ROOT/<CASE> two steps (DINO's first lr is 0), its checkpoint at step 2; rank 0 writes
+             ROOT/<CASE>/live.pt: every parameter and buffer of the module by name, gathered whole (ZeRO-3):
+             in fp32 the run's weights exactly, under bf16 their bf16 copies.
 MODE resume: resume ROOT/<CASE>'s checkpoint through fastmoco.checkpoint.load (a new Trainer), then try
              `checkpoint.load` of each ROOT/<CASE>/planted/<kind>/step_00000002; rank 0 writes
              ROOT/<CASE>/resume.json: {"mismatch": names whose resumed weights differ from live.pt,
@@ -20,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"moco": "tiny.json", "dino": "dino_tiny.json", "r50": "r50_tiny.json"}
 COMMON = ["--logging.log_every", "1", "--logging.tensorboard", "false", "--schedule.max_steps", "2",
-          "--deepspeed.train_micro_batch_size_per_gpu", "4", "--deepspeed.bf16.enabled", "false"]
+          "--deepspeed.train_micro_batch_size_per_gpu", "4"]
 STEP = "step_00000002"
 
 
@@ -28,11 +29,11 @@ def config_of(case: str, out_dir: Path):
     """The run config of one case name."""
     from fastmoco.config import load_config
 
-    method, stage, *rest = case.split("-")
-    frozen = ["--model.frozen_patch_embed", "true" if rest == ["frozen"] else "false"] if method != "r50" else []
+    method, stage, *flags = case.split("-")
+    frozen = ["--model.frozen_patch_embed", str("frozen" in flags).lower()] if method != "r50" else []
     return load_config(str(ROOT / "configs" / CONFIGS[method]),
                        [*COMMON, "--logging.out_dir", str(out_dir), "--deepspeed.zero_optimization.stage", stage[1:],
-                        *frozen])
+                        "--deepspeed.bf16.enabled", str("bf16" in flags).lower(), *frozen])
 
 
 def live_weights(model: torch.nn.Module) -> dict:

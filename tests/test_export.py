@@ -2,6 +2,7 @@
 without a frozen patch projection, DINO, MoCo v3 ResNet), each read back exactly as the live model held it
 at save time; the load line fastmoco-export prints runs; a damaged newest checkpoint falls back to the
 previous one; a failed export writes nothing. CPU, fp32, 2 gloo ranks (tests/export_worker.py)."""
+import json
 import shutil
 import sys
 import warnings
@@ -19,10 +20,11 @@ STEP = "step_00000002"
 # ZeRO stages: LARS (the ResNet recipe) locates parameters in ZeRO-1/2 partitions, not in ZeRO-3 shards.
 CASES = ([f"moco-z{s}-frozen" for s in range(4)] + [f"moco-z{s}" for s in range(4)] +
          [f"dino-z{s}" for s in range(4)] + [f"r50-z{s}" for s in range(3)])
+BF16_CASES = ["moco-z1-frozen-bf16", "moco-z3-frozen-bf16"]   # ZeRO-0 bf16: test_evaluation.py
 _TRAINED = {}   # one training per case per session, whichever test module asks first
 
 
-def trained(tmp_path_factory, cases=CASES):
+def trained(tmp_path_factory, cases=CASES + BF16_CASES):
     """The folder holding a 2-rank run of each case (one torchrun for all the cases not trained yet)."""
     if "root" not in _TRAINED:
         _TRAINED["root"] = tmp_path_factory.mktemp("zero_runs")
@@ -106,11 +108,18 @@ def test_every_printed_load_line_loads_the_backbone(tmp_path, capsys, arch, kw, 
 
 
 @pytest.mark.slow
-def test_the_load_line_of_a_dino_teacher_loads_it(runs, tmp_path, capsys):
-    """DINO's ViT (its own head count) from a run, through timm."""
+def test_an_exported_dino_teacher_loads_by_its_line_and_in_knn(runs, tmp_path, capsys):
+    """DINO's ViT (its own head count) from a run, through timm; fastmoco-knn takes the exported file's one
+    encoder by default (a DINO run's default, the teacher, is not in a backbone file)."""
+    from fastmoco.evaluation.cli import knn_main
+    from fastmoco.pipelines.demo_data import make_demo_data
     out = tmp_path / "b.safetensors"
     export_main(["--checkpoint", str(runs / "dino-z0"), "--out", str(out)])
     assert assert_load_line_works(capsys.readouterr().out, out, in_size=32) == "timm"
+    data = make_demo_data(tmp_path / "data", 8, seed=0)
+    knn_main(["--checkpoint", str(out), "--train", str(data), "--val", str(data), "--backend", "torchvision",
+              "--num-threads", "1", "--batch-size", "4", "--k", "1", "--json", str(tmp_path / "knn.json")])
+    assert json.loads((tmp_path / "knn.json").read_text())["knn"]["1"]["top1"] == 100.0   # val = train
 
 
 def assert_load_line_works(printed, out, in_size):
@@ -130,6 +139,29 @@ def assert_load_line_works(printed, out, in_size):
             a = model(x)
     torch.testing.assert_close(a, b.reshape(a.shape), rtol=1e-5, atol=1e-5)
     return library
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_export_holds_the_fp32_copies(runs, case):
+    """Under bf16 the trainable weights are DeepSpeed's fp32 copies (equal to what DeepSpeed's own
+    consolidation, zero_to_fp32, makes of them), the momentum encoder fastmoco's fp32 EMA state, the
+    frozen patch projection as stored: each rounds to the live bf16 module's value, and many are finer."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    live = torch.load(runs / case / "live.pt")["live"]
+    sd, _ = load_weights(runs / case)
+    assert sd.keys() == live.keys()
+    finer = 0
+    for k, v in live.items():
+        assert sd[k].dtype == torch.float32 and torch.equal(sd[k].to(v.dtype), v), k
+        finer += not torch.equal(sd[k], v.float())
+    assert finer > 30
+    # the test's own files, just written: DeepSpeed's consolidation (which unpickles) as the reference
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(runs / case / "checkpoints"), tag=STEP)
+    trainable = [k for k in ref if k.startswith(("base_encoder", "predictor")) and "patch_embed" not in k]
+    assert len(trainable) > 30
+    for k in trainable:
+        assert torch.equal(sd[k], ref[k].float()), k
 
 
 def copy_step(run_dir, new_step):
@@ -198,7 +230,6 @@ def test_an_export_that_fails_writes_no_file(runs, tmp_path, capsys):
 def rewrite_manifest(ckpt):
     """The COMPLETE file's manifest as if the checkpoint had been written as it now is (a tampered or
     re-saved file then passes the size check, as an attacker's would)."""
-    import json
     from fastmoco.checkpoint import MARKER, _manifest
     meta = json.loads((ckpt / MARKER).read_text())
     meta["files"] = {k: v for k, v in _manifest(ckpt).items() if k != MARKER}

@@ -172,16 +172,16 @@ def _rank_files(ckpt: Path, kind: str) -> list[Path]:
     return [f for _, f in found]
 
 
-def _optimizer_partitions(ckpt: Path, key: str) -> list[list[torch.Tensor]]:
-    """Each rank's fp32 flat partitions (`key` of its ZeRO optimizer state), in rank order."""
-    parts = []
+def _optimizer_states(ckpt: Path, key: str) -> list[dict]:
+    """Each rank's ZeRO optimizer state (memory-mapped), in rank order; `key`: its fp32 partitions."""
+    states = []
     for f in _rank_files(ckpt, "optim_states"):
         state = _load(f, mmap=True).get("optimizer_state_dict")
         if not isinstance(state, dict) or not isinstance(state.get(key), list):
             raise WeightsError(f"{f}: no {key!r} in its optimizer_state_dict (a ZeRO optimizer state of "
                                "another stage?)")
-        parts.append(state[key])
-    return parts
+        states.append(state)
+    return states
 
 
 def _model_states(f: Path) -> dict:
@@ -209,12 +209,10 @@ def _zero12_weights(ckpt: Path) -> dict:
     f = ckpt / "mp_rank_00_model_states.pt"
     states = _model_states(f)
     sd = dict(states["module"])
-    parts = _optimizer_partitions(ckpt, "single_partition_of_fp32_groups")
-    shapes = states.get("param_shapes") or []
-    paddings = _load(_rank_files(ckpt, "optim_states")[0], mmap=True)["optimizer_state_dict"].get(
-        "param_alignment_paddings")
-    for g, names in enumerate(shapes):
-        flat = torch.cat([rank[g].reshape(-1) for rank in parts])
+    optim = _optimizer_states(ckpt, "single_partition_of_fp32_groups")
+    paddings = optim[0].get("param_alignment_paddings")
+    for g, names in enumerate(states.get("param_shapes") or []):
+        flat = torch.cat([rank["single_partition_of_fp32_groups"][g].reshape(-1) for rank in optim])
         offset = 0
         for i, (name, shape) in enumerate(names.items()):
             n = math.prod(shape)
@@ -233,7 +231,8 @@ def _zero3_weights(ckpt: Path) -> dict:
     world = len(ranks)
     first = ranks[0]
     sd = {k: first["module"][k] for k in first.get("buffer_names") or [] if k in first["module"]}
-    flats = [torch.cat([t.reshape(-1) for t in groups]) for groups in _optimizer_partitions(ckpt, "fp32_flat_groups")]
+    flats = [torch.cat([t.reshape(-1) for t in rank["fp32_flat_groups"]])
+             for rank in _optimizer_states(ckpt, "fp32_flat_groups")]
     if len(flats) != world:
         raise WeightsError(f"{ckpt}: {len(flats)} optimizer states files for {world} model states files")
     offset = 0
