@@ -153,6 +153,9 @@ def test_bf16_export_holds_the_fp32_copies(runs, case):
     assert sd.keys() == live.keys()
     finer = 0
     for k, v in live.items():
+        if not v.is_floating_point():   # BatchNorm's step counts
+            assert torch.equal(sd[k], v), k
+            continue
         assert sd[k].dtype == torch.float32 and torch.equal(sd[k].to(v.dtype), v), k
         finer += not torch.equal(sd[k], v.float())
     assert finer > 30

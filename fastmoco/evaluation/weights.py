@@ -185,7 +185,9 @@ def _optimizer_states(ckpt: Path, key: str) -> list[dict]:
 
 
 def _model_states(f: Path) -> dict:
-    states = _load(f)
+    """DeepSpeed's model states (any stage): tensors, numbers and containers only; of DeepSpeed's record
+    types only its ZeRO optimizer states hold any."""
+    states = _load(f, deepspeed_types=False)
     if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
         raise WeightsError(f"{f}: no 'module' state dict in it: not a DeepSpeed model states file")
     return states
@@ -499,7 +501,7 @@ def check_output(path: Path, force: bool) -> None:
     if path.is_dir():
         raise WeightsError(f"{path} is a directory: name the file to write")
     if path.exists() and not force:
-        raise WeightsError(f"{path} exists: pass --force (force=True) to replace it")
+        raise WeightsError(f"{path} exists: pass --force to replace it")
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = "",
