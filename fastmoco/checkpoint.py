@@ -4,7 +4,7 @@ Layout under `<out_dir>/checkpoints/`:
     step_00001200/            one complete checkpoint
         <DeepSpeed's files>   module (online + momentum encoder), optimizer, ZeRO shards
         fastmoco_rank00000.pt fp32 momentum state (this rank's ZeRO-3 shards), RNG: tensors
-                              and numbers only, read with torch.load(weights_only=True)
+                              and numbers only
         COMPLETE              JSON: step, data position, run shape, config, and the manifest
                               (every file of the checkpoint with its size)
     latest                    name of the newest complete checkpoint
@@ -19,15 +19,22 @@ exists (a run resumed from an older checkpoint) renames the old copy into
 `step_*` with COMPLETE always holds every file its manifest lists. A crash at
 any point leaves the previous complete checkpoint untouched; `find_latest`
 returns the newest checkpoint whose manifest files are all there, warning
-about any newer one it skips. A failed write (disk full) removes the staging
-directory on every rank and raises `CheckpointError` naming the path.
+about any newer one it skips (evaluation takes a run's checkpoint through it
+too). A failed write (disk full) removes the staging directory on every rank
+and raises `CheckpointError` naming the path.
+
+Every file is read by `load_file`: torch.load(weights_only=True), DeepSpeed's
+files with an allowlist of the three record types DeepSpeed writes; `load` routes
+DeepSpeed's own reads through it, so neither resume nor evaluation unpickles code.
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -258,8 +265,65 @@ def config_changes(meta: dict, config: dict, run: dict, allow: tuple[str, ...] =
             if a != b and not any(k == p or k.startswith(p + ".") for p in allow)]
 
 
+def _deepspeed_types() -> list:
+    """The classes DeepSpeed pickles into the checkpoints of fastmoco's runs (bf16 or fp32, ZeRO 0-3): the
+    ZeRO optimizer states hold a LossScaler (two numbers), a ZeroStageEnum and fragment_address records
+    (two ints each). Nothing else beyond tensors, numbers, strings and containers is let through."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refusal(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its own message goes on to suggest
+    weights_only=False or allowlisting the global, which fastmoco never does)."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    if found:
+        return found.group(1)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines or [type(e).__name__])[0][:200]
+
+
+def load_file(path: str | Path, map_location="cpu", *, mmap: bool = False, deepspeed_types: bool = True):
+    """A checkpoint file read with torch.load(weights_only=True): tensors, numbers, strings, containers and
+    (`deepspeed_types`) the few classes DeepSpeed writes. Anything else (an object whose unpickling would
+    run code) is refused before it runs, with a CheckpointError naming the file and what it holds. Every
+    file of a checkpoint is read through here: fastmoco's, DeepSpeed's at resume (`load`) and evaluation's."""
+    path = Path(path)
+    allowed = ("tensors, numbers, strings, containers and DeepSpeed's checkpoint records" if deepspeed_types
+               else "tensors, numbers, strings and containers")
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types() if deepspeed_types else []):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} does not load as tensors and numbers only (it holds {_refusal(e)}; only "
+                              f"{allowed} are read, weights_only=True): refused, nothing in it was run") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file (truncated zip, bad records): name it
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_refusal(e)})") from None
+
+
+class _WeightsOnlyFiles:
+    """Stands in for a DeepSpeed engine's `checkpoint_engine` while a checkpoint loads: every file
+    DeepSpeed reads (model states, optimizer states of any ZeRO stage) goes through `load_file`;
+    everything else is the engine's own."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def load(self, path, map_location=None):
+        return load_file(path, map_location)
+
+
 def load(engine, path: str | Path) -> tuple[dict, dict]:
-    """Load a complete checkpoint into `engine`; returns (meta, this rank's fastmoco state)."""
+    """Load a complete checkpoint into `engine`; returns (meta, this rank's fastmoco state). Every file
+    is read with weights_only=True (`load_file`)."""
     path = Path(path)
     meta = read_meta(path)
     bad = problems(path)
@@ -268,18 +332,17 @@ def load(engine, path: str | Path) -> tuple[dict, dict]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if meta.get("world_size", world) != world:
         raise CheckpointError(f"{path} was written by {meta['world_size']} processes; this run has {world}")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    own = path / f"fastmoco_rank{_rank():05d}.pt"
+    per_rank = load_file(own, deepspeed_types=False)   # fastmoco's own file: tensors and numbers only
+    files = engine.checkpoint_engine
+    engine.checkpoint_engine = _WeightsOnlyFiles(files)
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+    finally:
+        engine.checkpoint_engine = files
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {path}")
-    own = path / f"fastmoco_rank{_rank():05d}.pt"
-    try:
-        per_rank = torch.load(own, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{own} is missing") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling refusal: name the file
-        raise CheckpointError(f"{own} does not load as tensors and numbers only ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0]})") from None
     set_rng_state(per_rank.pop("rng"))
     return meta, per_rank
 

@@ -208,7 +208,7 @@ def test_official_checkpoint_with_code_is_refused(tmp_path):
         def __reduce__(self):
             return (print, ("ran code",))
     torch.save({"state_dict": {}, "payload": Evil()}, tmp_path / "evil.pth.tar")
-    with pytest.raises(WeightsError, match="cannot be read as weights only"):
+    with pytest.raises(WeightsError, match=r"evil.pth.tar does not load as tensors and numbers only \(it holds print;"):
         load_weights(tmp_path / "evil.pth.tar")
 
 
@@ -394,3 +394,75 @@ def test_gpu_extraction_matches_the_cpu_twin(folders):
     assert torch.equal(lc, lg.cpu())
     cos = torch.nn.functional.cosine_similarity(fc, fg.cpu().float(), dim=1)
     assert cos.min() > 0.99, cos.min()
+
+
+# -- the export command's bad input: hostile files, outputs it must not replace ----------------------
+def cli_export(*args):
+    """fastmoco-export in this process: (exit status, stderr)."""
+    import contextlib
+    import io
+    from fastmoco.evaluation.cli import export_main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            export_main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def hostile_safetensors(path, kind):
+    """A .safetensors file that is damaged or lies about itself in the way `kind` names."""
+    import struct
+    from safetensors.torch import save_file
+    if kind == "garbage":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "huge_header":        # the header claims 2**62 bytes
+        path.write_bytes(struct.pack("<Q", 2 ** 62) + b"{}")
+    elif kind == "offsets_past_end":   # a tensor whose bytes lie beyond the file
+        header = json.dumps({"cls_token": {"dtype": "F32", "shape": [1, 1, 72], "data_offsets": [0, 288]}}).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    else:                              # a real backbone whose metadata is not what export writes
+        torch.manual_seed(0)
+        backbone = {k: v.contiguous() for k, v in VisionTransformer("vit_test", img_size=32).state_dict().items()}
+        meta = {"method": "evil"} if kind == "unknown_method" else {"num_heads": "5"}
+        save_file(backbone, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["garbage", "huge_header", "offsets_past_end", "unknown_method", "bad_num_heads"])
+def test_a_hostile_safetensors_file_is_refused_in_one_line(tmp_path, kind):
+    src = hostile_safetensors(tmp_path / "in.safetensors", kind)
+    code, err = cli_export("--checkpoint", src, "--out", tmp_path / "out.safetensors")
+    assert code == 2, err
+    assert f"{src}: " in err and "Traceback" not in err, err
+    expect = {"unknown_method": "metadata method 'evil' unknown", "bad_num_heads": "num_heads 5 does not divide"}
+    assert expect.get(kind, "not a readable safetensors file") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_export_refuses_a_directory_and_existing_files_unless_forced(tmp_path):
+    src = tmp_path / "c.pth.tar"
+    official_checkpoint(src, "vit_small", 32)
+    (tmp_path / "adir").mkdir()
+    code, err = cli_export("--checkpoint", src, "--out", tmp_path / "adir")
+    assert code == 2 and f"{tmp_path / 'adir'} is a directory" in err and "Traceback" not in err, err
+
+    out, off = tmp_path / "b.safetensors", tmp_path / "b.moco_v3.pth.tar"
+    out.write_bytes(b"keep me")
+    code, err = cli_export("--checkpoint", src, "--out", out)
+    assert code == 2 and f"{out} exists: pass --force" in err, err
+    assert out.read_bytes() == b"keep me" and not off.exists()
+    out.unlink()
+    off.write_bytes(b"keep me too")   # only the second file exists: nothing is written either
+    code, err = cli_export("--checkpoint", src, "--out", out)
+    assert code == 2 and f"{off} exists: pass --force" in err, err
+    assert not out.exists() and off.read_bytes() == b"keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "b.moco_v3.pth.tar", "c.pth.tar"]
+
+    code, err = cli_export("--checkpoint", src, "--out", out, "--force")
+    assert code == 0, err
+    sd, _ = load_weights(src)
+    assert torch.equal(load_weights(out)[0]["base_encoder.cls_token"], sd["base_encoder.cls_token"])
+    assert torch.load(off, weights_only=True)["state_dict"].keys() == {OFFICIAL_PREFIX + k for k in sd}

@@ -6,10 +6,13 @@
     torchrun --nproc_per_node 8 -m fastmoco.evaluation.cli knn ...       # every rank extracts a shard
 
 --checkpoint takes a fastmoco checkpoint (a step_* directory, a run's out_dir
-or its checkpoints/ folder: the newest complete one), an official MoCo v3
-checkpoint (.pth.tar) or an exported backbone (.safetensors). Errors (a missing
-folder, a class of val absent from train, weights of another architecture) are
-one line naming the file and the key; exit status 2.
+or its checkpoints/ folder: the newest one whose files are all there, as
+--resume takes it), an official MoCo v3 checkpoint (.pth.tar) or an exported
+backbone (.safetensors); every file is read as weights only. Errors (a missing
+folder, a class of val absent from train, weights of another architecture, a
+damaged or refused file) are one line naming the file and the key; exit status 2.
+fastmoco-export writes nothing unless the backbone loads, refuses to replace an
+existing file unless --force, and prints one line of Python that loads the result.
 """
 from __future__ import annotations
 
@@ -19,12 +22,12 @@ import os
 import sys
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from fastmoco.config import DataConfig
 from fastmoco.distributed import get_rank, get_world_size
-from fastmoco.methods import METHODS
 
 
 def _setup_distributed() -> torch.device:
@@ -55,12 +58,12 @@ def _common(p: argparse.ArgumentParser, train_required: bool = True) -> None:
 
 def _backbone_and_splits(args, device):
     from fastmoco.evaluation.features import LabelledSplit
-    from fastmoco.evaluation.weights import build_backbone, load_weights
+    from fastmoco.evaluation.weights import build_backbone, default_encoder, load_weights
 
     train = LabelledSplit.scan("--train", args.train, args.train_list)
     val = LabelledSplit.scan("--val", args.val, args.val_list, reference=train)
     sd, info = load_weights(args.checkpoint)
-    args.encoder = args.encoder or METHODS[info.method].default_encoder
+    args.encoder = args.encoder or default_encoder(info)
     backbone = build_backbone(info, sd, args.encoder).to(device)
     size = args.image_size or info.img_size
     data = DataConfig(backend=args.backend, num_threads=args.num_threads, image_size=size)
@@ -176,34 +179,31 @@ def export_main(argv: list[str] | None = None) -> None:
                                                     "'' to skip)")
     p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
                    help="default: the method's (MoCo v3: online, DINO: the teacher)")
+    p.add_argument("--force", action="store_true", help="replace output files that exist")
     args = p.parse_args(argv)
     with _errors():
-        from fastmoco.evaluation.weights import export, load_weights
-        from fastmoco.models.resnet import RESNET_ARCHS
+        from fastmoco.evaluation.weights import check_output, default_encoder, export_weights, load_code, load_weights
 
-        out, off = export(args.checkpoint, args.out, encoder=args.encoder, official=args.official)
-        _, info = load_weights(out)
-        args.encoder = args.encoder or METHODS[info.method].default_encoder
-        if info.arch in RESNET_ARCHS:
-            how = (f"  torchvision: torchvision.models.{info.arch}().load_state_dict("
-                   f"safetensors.torch.load_file('{out}'), strict=False)  # only fc missing")
-        else:
-            size = info.backbone().size
-            how = (f"  timm: timm.create_model('{size.timm_name}', num_classes=0, num_heads={size.num_heads}, "
-                   f"patch_size={size.patch_size}, img_size={info.img_size}, pretrained=True, "
-                   f"pretrained_cfg_overlay=dict(file='{out}'))")
-        print(f"backbone ({info.arch}, {args.encoder} encoder): {out}\n{how}"
+        check_output(Path(args.out), args.force)   # before the slow part
+        sd, info = load_weights(args.checkpoint)
+        encoder = args.encoder or default_encoder(info)
+        out, off = export_weights(sd, info, args.out, encoder=encoder, official=args.official, force=args.force)
+        library, code = load_code(info, out)
+        print(f"backbone ({info.arch}, {encoder} encoder): {out}\n  {library}: {code}"
               + (f"\nofficial MoCo v3 layout: {off}" if off else ""), flush=True)
 
 
 class _errors:
-    """Expected failures as one line on stderr and exit status 2 (no traceback)."""
+    """Expected failures as one line on stderr and exit status 2 (no traceback): bad input (ValueError,
+    WeightsError), a checkpoint that cannot load (CheckpointError), a file system refusal (OSError)."""
 
     def __enter__(self):
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
     def __exit__(self, tp, e, tb):
-        if tp is not None and issubclass(tp, (ValueError, FileNotFoundError)):
+        from fastmoco.checkpoint import CheckpointError
+
+        if tp is not None and issubclass(tp, (ValueError, OSError, CheckpointError)):
             print(f"fastmoco: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2)
         return False
