@@ -5,7 +5,7 @@ clipping and its frozen last layer).
 
     optimizer = build_optimizer(cfg.optim, groups, lr=lrs[0], use_cuda=..., zero_stage=..., clip_per_parameter=...)
     engine, wrapper, ... = deepspeed.initialize(..., optimizer=optimizer)
-    locate(optimizer, wrapper)        # under ZeRO: where each parameter lies in the flat partitions stepped
+    after_initialize(optimizer, wrapper)   # where each parameter lies in what the wrapper steps; rules on
 
 LARS follows the official moco/optimizer.py: a parameter of ndim > 1 takes weight decay and the
 per-tensor trust ratio, biases and BatchNorm parameters (ndim 1) neither; SGD momentum on an fp32
@@ -125,6 +125,26 @@ def locate_partitions(wrapper) -> dict[int, Partition]:
     return out
 
 
+def _parameter_norms(grads: list[torch.Tensor], owner: torch.Tensor | None, num_params: int | None,
+                     all_reduce: Callable[[torch.Tensor], None] | None, device: torch.device) -> torch.Tensor:
+    """(parameters,) fp32 gradient norms: of each tensor, or (with `owner`) the root of the pieces' sums
+    of squares summed per parameter and over the ranks."""
+    if owner is None:
+        return torch.stack(torch._foreach_norm(grads)).float()
+    sq = torch.zeros(num_params + 1, dtype=torch.float32, device=device)   # + 1: the padding's slot
+    if grads:
+        sq.index_add_(0, owner, torch.stack(torch._foreach_norm(grads)).float().square())
+    if all_reduce is not None:
+        all_reduce(sq)
+    return sq[:num_params].sqrt()
+
+
+def _clip_scale(norms: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """DINO's rule: c = max_norm / (norm + 1e-6), applied where c < 1 (else the gradient is left as is)."""
+    coef = max_norm / (norms + CLIP_EPS)
+    return torch.where(coef < 1, coef, torch.ones_like(coef))
+
+
 @torch.no_grad()
 def clip_per_parameter_(grads: list[torch.Tensor], max_norm: float, *, owner: torch.Tensor | None = None,
                         num_params: int | None = None,
@@ -137,21 +157,12 @@ def clip_per_parameter_(grads: list[torch.Tensor], max_norm: float, *, owner: to
     tensor k is a piece of parameter owner[k] of `num_params` (owner num_params: padding, left as it
     is): a parameter's norm is the root of its pieces' sums of squares, summed over the ranks by
     `all_reduce` (every rank calls it, also one whose list is empty)."""
-    device = grads[0].device if grads else (owner.device if owner is not None else torch.device("cpu"))
-    if owner is None:
-        if not grads:
-            return torch.zeros(0, dtype=torch.float32, device=device)
-        norms = torch.stack(torch._foreach_norm(grads)).float()
-    else:
-        sq = torch.zeros(num_params + 1, dtype=torch.float32, device=device)
-        if grads:
-            sq.index_add_(0, owner, torch.stack(torch._foreach_norm(grads)).float().square())
-        if all_reduce is not None:
-            all_reduce(sq)
-        norms = sq[:num_params].sqrt()
-    coef = max_norm / (norms + CLIP_EPS)
-    scale = torch.where(coef < 1, coef, torch.ones_like(coef))
+    if owner is None and not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    device = grads[0].device if grads else owner.device
+    norms = _parameter_norms(grads, owner, num_params, all_reduce, device)
     if grads:
+        scale = _clip_scale(norms, max_norm)
         if owner is not None:
             scale = torch.cat([scale, scale.new_ones(1)])[owner]  # padding: 1
         torch._foreach_mul_(grads, list(scale.to(grads[0].dtype).unbind()))
@@ -159,8 +170,9 @@ def clip_per_parameter_(grads: list[torch.Tensor], max_norm: float, *, owner: to
 
 
 class _Segments:
-    """A located flat tensor cut into consecutive segments (the pieces and the gaps between them), so
-    that one `torch.split` gives every piece's view without a Python loop in the step."""
+    """A located flat tensor cut into consecutive segments (the pieces and the gaps between them): one
+    `torch.split` gives every piece's view for the norms, and one repeat_interleave of the segments'
+    scales the factor of every element (two launches, not one per parameter)."""
 
     def __init__(self, part: Partition):
         lengths, owner, at = [], [], 0
@@ -174,10 +186,20 @@ class _Segments:
         if at < part.numel:
             lengths.append(part.numel - at)
             owner.append(len(part.shapes))
+        self.numel = part.numel
         self.lengths = lengths
+        self.lengths_dev = torch.tensor(lengths, dtype=torch.int64, device=part.device)
         self.owner = torch.tensor(owner, dtype=torch.int64, device=part.device)
         self.num_params = len(part.shapes)
         self.all_reduce = part.all_reduce
+
+    @torch.no_grad()
+    def clip_(self, grad: torch.Tensor, max_norm: float) -> None:
+        """`clip_per_parameter_` of the pieces of this flat gradient, in place."""
+        norms = _parameter_norms(list(torch.split(grad, self.lengths)), self.owner, self.num_params,
+                                 self.all_reduce, grad.device)
+        scale = torch.cat([_clip_scale(norms, max_norm), norms.new_ones(1)])[self.owner]   # (segments,)
+        grad.mul_(torch.repeat_interleave(scale.to(grad.dtype), self.lengths_dev, output_size=self.numel))
 
 
 class GradientRules:
@@ -194,21 +216,23 @@ class GradientRules:
             raise ValueError(f"clip_per_parameter must be >= 0, got {clip_per_parameter}")
         self.clip = clip_per_parameter
         self._optimizer = optimizer
-        self._whole = self._held()  # whole parameters: those it was built with
+        self._whole: set[int] = set()
         self._segments: dict[int, _Segments] = {}
+        self._active = False  # until locate(): a wrapper may step the optimizer while it is built
         optimizer.register_step_pre_hook(self._before_step)
 
-    def _held(self) -> set[int]:
-        return {id(p) for g in self._optimizer.param_groups for p in g["params"]}
-
     def locate(self, wrapper) -> None:
-        """After deepspeed.initialize: where each parameter lies in the flat tensors the wrapper steps;
-        any other tensor the optimizer now holds is a whole parameter (ZeRO-0 under bf16: fp32 copies)."""
-        if self.clip:
+        """After deepspeed.initialize (`wrapper`: what it returned, or None without DeepSpeed): where each
+        parameter lies in the flat tensors the wrapper steps; any other tensor the optimizer now holds is
+        a whole parameter (ZeRO-0 under bf16: the wrapper's fp32 copies). The rules apply from now on."""
+        if self.clip and wrapper is not None:
             self._segments = {key: _Segments(part) for key, part in locate_partitions(wrapper).items()}
-            self._whole = self._held() - set(self._segments)
+        self._whole = {id(p) for g in self._optimizer.param_groups for p in g["params"]} - set(self._segments)
+        self._active = True
 
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if not self._active:
+            return
         for group in optimizer.param_groups:
             params = group["params"]
             if not params:  # ZeRO-3 empties the groups it is not stepping
@@ -222,16 +246,14 @@ class GradientRules:
     def _clip(self, params: list[torch.Tensor]) -> None:
         seg = self._segments.get(id(params[0])) if len(params) == 1 else None
         if seg is not None:
-            flat = params[0]
-            if flat.grad is None:
+            if params[0].grad is None:
                 raise ValueError("per-parameter clipping: a located flat partition has no gradient")
-            clip_per_parameter_(list(torch.split(flat.grad, seg.lengths)), self.clip, owner=seg.owner,
-                                num_params=seg.num_params, all_reduce=seg.all_reduce)
+            seg.clip_(params[0].grad, self.clip)
             return
         if id(params[0]) not in self._whole:
             raise ValueError(f"per-parameter clipping: the optimizer steps a tensor of {params[0].numel()} elements "
                              "that is not one of its parameters, and was not located (a ZeRO wrapper's flat "
-                             "partition?): call locate(optimizer, wrapper) after deepspeed.initialize")
+                             "partition?): call after_initialize(optimizer, wrapper) after deepspeed.initialize")
         clip_per_parameter_([p.grad for p in params if p.grad is not None], self.clip)
 
 
@@ -323,9 +345,17 @@ def build_optimizer(optim_cfg, groups: list[dict], *, lr: float, use_cuda: bool,
     return opt
 
 
-def locate(optimizer: torch.optim.Optimizer, wrapper) -> None:
+def after_initialize(optimizer: torch.optim.Optimizer, wrapper) -> None:
     """After deepspeed.initialize(optimizer=optimizer) returned `wrapper`: everything that needs to know
-    where the parameters lie in the tensors the wrapper steps (LARS's norms, per-parameter clipping)."""
+    where the parameters lie in the tensors the wrapper steps (LARS's norms, per-parameter clipping),
+    and the gradient rules switched on.
+
+    DeepSpeed's fp16/bf16 ZeRO-0 wrappers step the optimizer once while they are built, on zero
+    gradients, to create its state: every parameter would start training with a step count of 1 that
+    the official code's AdamW never took (its bias correction then differs in every early step) and
+    the frozen last layer with a state it must not have. That state is dropped here: the optimizer
+    counts from the first training step, as the official one does."""
+    optimizer.state.clear()
     if isinstance(optimizer, LARS):
         optimizer.locate_partitions(wrapper)
     rules = getattr(optimizer, "gradient_rules", None)

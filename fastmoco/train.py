@@ -34,7 +34,7 @@ from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.methods import get_method
-from fastmoco.optim import build_optimizer, locate
+from fastmoco.optim import after_initialize, build_optimizer
 from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
 
@@ -155,7 +155,7 @@ class Trainer:
                                     use_cuda=self.use_cuda, zero_stage=self.zero_stage,
                                     clip_per_parameter=self.method.clip_per_parameter)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        locate(optimizer, self.optimizer)  # ZeRO steps flat partitions: where each parameter lies
+        after_initialize(optimizer, self.optimizer)  # where each parameter lies in what ZeRO steps
         self.model = self.engine.module
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
         # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.

@@ -5,12 +5,14 @@ tests/golden/dino_training*.pt):
 - per-parameter clipping on plain tensors, and on pieces of parameters cut by a ZeRO-like flat
   partition on two ranks (fastmoco.optim: `clip_per_parameter_`, `locate_partitions`, `GradientRules`);
 - two epochs of the Trainer's real step on a tiny DINO head under DeepSpeed ZeRO 0-3 (one process, and
-  two processes under ZeRO-2/3): loss, center, student weights, the frozen last layer's AdamW state
-  (none in epoch 0: the official cancels its gradients), and the teacher read back from the checkpoint
-  saved after each step (the official teacher after the same step's EMA update).
+  two processes under ZeRO-2/3): loss, center, the gradients AdamW steps (clipped, the frozen layer's
+  dropped), student weights, the frozen last layer's AdamW state (none in epoch 0: the official
+  cancels its gradients), and the teacher read back from the checkpoint saved after each step (the
+  official teacher after the same step's EMA update);
+- the bf16 wrappers (ZeRO-0's unfused optimizer, DeepSpeed's BF16_Optimizer) to bf16's tolerance.
 
 Run as a script, this file is the DeepSpeed worker (alone or under torchrun):
-    python tests/test_golden_dino_training.py OUT STAGE [STAGE ...]
+    python tests/test_golden_dino_training.py OUT RUN [RUN ...]     # RUN: a ZeRO stage, or a key of BF16
 """
 import os
 import socket
@@ -25,6 +27,8 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 CONFIG = str(ROOT / "configs" / "dino_tiny.json")
+# bf16 runs: (ZeRO stage, extra overrides); 1-bf16-fp32acc is DeepSpeed's BF16_Optimizer
+BF16 = {"0-bf16": (0, []), "1-bf16-fp32acc": (1, ["--deepspeed.data_types", '{"grad_accum_dtype": "fp32"}'])}
 
 
 def golden(name: str) -> dict:
@@ -112,11 +116,11 @@ def test_unlocated_flat_partition_is_refused():
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.1)
-    GradientRules(opt, 3.0)
+    GradientRules(opt, 3.0).locate(None)
     flat = torch.nn.Parameter(torch.zeros(12))
     flat.grad = torch.ones(12)
     opt.param_groups[0]["params"] = [flat]   # what a ZeRO wrapper does to the client's groups
-    with pytest.raises(ValueError, match="locate"):
+    with pytest.raises(ValueError, match="after_initialize"):
         opt.step()
 
 
@@ -142,7 +146,7 @@ def head_only_dino(run: dict, initial: dict):
     return model
 
 
-def _overrides(run: dict, stage: int, world: int, out: Path) -> list[str]:
+def _overrides(run: dict, stage: int, world: int, out: Path, bf16: bool) -> list[str]:
     return ["--logging.out_dir", str(out), "--logging.tensorboard", "false", "--logging.progress", "false",
             "--checkpoint.keep", "100", "--checkpoint.every_epochs", "0",
             "--schedule.epochs", str(run["epochs"]), "--schedule.warmup_epochs", str(run["warmup_epochs"]),
@@ -155,14 +159,13 @@ def _overrides(run: dict, stage: int, world: int, out: Path) -> list[str]:
             "--dino.clip_grad", str(run["clip_grad"]), "--dino.freeze_last_layer", str(run["freeze_last_layer"]),
             "--data.local_crops", str(run["crops"] - 2), "--data.synthetic_size", str(run["iters"] * run["batch"]),
             "--deepspeed.train_micro_batch_size_per_gpu", str(run["batch"] // world),
-            "--deepspeed.zero_optimization.stage", str(stage), "--deepspeed.bf16.enabled", "false"]
+            "--deepspeed.zero_optimization.stage", str(stage), "--deepspeed.bf16.enabled", str(bf16).lower()]
 
 
-def _trainer_run(stage: int, out: Path) -> dict:
+def _trainer_run(key: str, out: Path) -> dict:
     """Every step of the golden run through the Trainer's train_step; after each, a checkpoint."""
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
 
     from fastmoco import methods, train
     from fastmoco.config import load_config
@@ -182,9 +185,14 @@ def _trainer_run(stage: int, out: Path) -> dict:
     train_build_optimizer = train.build_optimizer
     methods.DINOMethod.build, train.build_optimizer = build, build_optimizer
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    t = train.Trainer(load_config(CONFIG, _overrides(run, stage, world, out / f"stage{stage}")))
+    stage, extra = BF16[key] if key in BF16 else (int(key), [])
+    t = train.Trainer(load_config(CONFIG, _overrides(run, stage, world, out / f"run{key}", key in BF16) + extra))
     rank, K, BN = t.rank, run["out_dim"], run["bottleneck_dim"]
-    adamw_last = []
+    adamw_last, grad_sq = [], []
+
+    def record_grads(opt, args, kwargs):   # after GradientRules' hook: what AdamW steps (ZeRO: per group)
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        grad_sq[-1] += sum(float(g.double().square().sum()) for g in grads)
 
     def record_last_layer(opt, args, kwargs):  # the frozen group's state (a flat partition under ZeRO)
         for group in opt.param_groups:
@@ -193,6 +201,7 @@ def _trainer_run(stage: int, out: Path) -> dict:
                 adamw_last.append({k: v.reshape(-1)[:K * BN].view(K, BN).clone() if v.dim() else v.clone()
                                    for k, v in state.items()} if state and world == 1 else None)
 
+    clients[-1].register_step_pre_hook(record_grads)   # registered after the rules': runs after them
     clients[-1].register_step_post_hook(record_last_layer)
     names = [n for n, p in t.model.student.named_parameters()]
     teacher_names = [n for n, _ in t.model.teacher.named_parameters()]
@@ -200,31 +209,31 @@ def _trainer_run(stage: int, out: Path) -> dict:
     steps = []
     for step, views in enumerate(g["inputs"]):
         t.epoch = step // run["iters"]   # what fit() counts from the loader
-        loss = t.train_step(*[v[rows] for v in views])
+        grad_sq.append(0.0)
+        loss = t.train_step(*[v[rows].to(next(t.model.parameters()).dtype) for v in views])
         t.step += 1
         loss = loss.detach().clone()
         dist.all_reduce(loss)
-        student = {}
-        for n, p in t.model.student.named_parameters():
-            full = safe_get_full_fp32_param(p) if stage else p.detach()   # collective under ZeRO
-            student[n] = full.detach().clone()
+        params = dict(t.model.student.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):   # ZeRO-3: collective; else as is
+            student = {n: p.detach().clone() for n, p in params.items()}   # fp32 run: the master's values
         path = t.save()
         states = [torch.load(f, weights_only=True)["momentum"] for f in sorted(path.glob("fastmoco_rank*.pt"))]
         full = assemble(states)
         teacher = {teacher_names[i]: v for i, v in full.items()}
-        steps.append({"loss": loss / world, "center": t.model.center.clone(), "student": student,
-                      "teacher": teacher, "lr": [grp["lr"] for grp in t.optimizer.param_groups]})
+        steps.append({"loss": loss.float() / world, "center": t.model.center.float().clone(), "student": student,
+                      "teacher": teacher, "grad_norm": grad_sq[-1] ** 0.5 if world == 1 else None})
     result = {"steps": steps, "adamw_last": adamw_last, "names": names,
               "optimizer": type(t.optimizer).__name__}
     deepspeed.comm.barrier()
     return result if rank == 0 else None
 
 
-def _worker(out: str, stages: list[int]) -> None:
+def _worker(out: str, keys: list[str]) -> None:
     from fastmoco.train import fill_single_process_env
 
     fill_single_process_env()
-    results = {s: _trainer_run(s, Path(out).parent) for s in stages}
+    results = {k: _trainer_run(k, Path(out).parent) for k in keys}
     if int(os.environ["RANK"]) == 0:
         torch.save(results, out)
 
@@ -248,6 +257,11 @@ def _run_worker(tmp_path, stages, procs) -> dict:
     return torch.load(out, weights_only=False)
 
 
+def _grad_norm(step: dict) -> float:
+    """The norm of every gradient AdamW stepped in a golden step (clipped; none for a frozen layer)."""
+    return sum(float(g.double().square().sum()) for g in step["grads"].values()) ** 0.5
+
+
 def _check_against_golden(result: dict, stage: int, adamw: bool) -> None:
     g = golden("dino_training.pt")
     run = g["run"]
@@ -256,6 +270,8 @@ def _check_against_golden(result: dict, stage: int, adamw: bool) -> None:
     for step, (got, want) in enumerate(zip(result["steps"], g["steps"])):
         where = f"ZeRO-{stage} step {step}"
         torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} loss: {m}")
+        if got["grad_norm"] is not None:
+            assert got["grad_norm"] == pytest.approx(_grad_norm(want), rel=1e-5), where
         torch.testing.assert_close(got["center"], want["center"], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{where} center: {m}")
         for n in result["names"]:
@@ -281,7 +297,7 @@ def _check_against_golden(result: dict, stage: int, adamw: bool) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    return _run_worker(tmp_path_factory.mktemp("golden_dino"), [0, 1, 2, 3], 1)
+    return _run_worker(tmp_path_factory.mktemp("golden_dino"), ["0", "1", "2", "3", *BF16], 1)
 
 
 @pytest.mark.slow
@@ -289,7 +305,7 @@ def one_process(tmp_path_factory):
 def test_trainer_steps_equal_official_train_one_epoch(one_process, stage):
     """ZeRO 0-3, one process: per-parameter clipping, the frozen last layer (no AdamW state in epoch 0,
     step count from 1 after it), the teacher's EMA after each optimizer step as saved in the checkpoint."""
-    result = one_process[stage]
+    result = one_process[str(stage)]
     assert result["optimizer"] == {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
     _check_against_golden(result, stage, adamw=True)
 
@@ -298,10 +314,30 @@ def test_trainer_steps_equal_official_train_one_epoch(one_process, stage):
 def test_trainer_steps_on_two_ranks_equal_official_train_one_epoch(tmp_path):
     """ZeRO-2 and ZeRO-3 on two gloo ranks (half the batch each): parameters cut between the ranks'
     partitions or shards are clipped by their whole norms."""
-    results = _run_worker(tmp_path, [2, 3], 2)
+    results = _run_worker(tmp_path, ["2", "3"], 2)
     for stage, result in results.items():
-        _check_against_golden(result, stage, adamw=False)
+        _check_against_golden(result, int(stage), adamw=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, wrapper", [("0-bf16", "FP16_UnfusedOptimizer"), ("1-bf16-fp32acc", "BF16_Optimizer")])
+def test_bf16_wrappers_clip_per_parameter_and_freeze_the_last_layer(one_process, key, wrapper):
+    """The bf16 wrappers step fp32 copies of their own (whole per parameter, or flat partitions): the
+    gradients AdamW steps are clipped per parameter with the frozen layer's dropped (their norm as the
+    official's to bf16's precision; unclipped it would be ~500x), and the last layer has AdamW state
+    only after the freeze, counted from 1 (ZeRO-0's wrapper steps the optimizer once while it is built:
+    that state is dropped, fastmoco.optim.after_initialize)."""
+    result = one_process[key]
+    g = golden("dino_training.pt")
+    frozen = g["run"]["freeze_last_layer"] * g["run"]["iters"]
+    assert result["optimizer"] == wrapper
+    for step, (got, want) in enumerate(zip(result["steps"], g["steps"])):
+        assert got["grad_norm"] == pytest.approx(_grad_norm(want), rel=0.1), step
+        state = result["adamw_last"][step]
+        assert (state is None) == (step < frozen), step
+        assert state is None or float(state["step"]) == float(want["adamw"]["head.last_layer.weight_v"]["step"])
+    torch.testing.assert_close(result["steps"][0]["loss"], g["steps"][0]["loss"], rtol=2e-2, atol=0)
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], [int(s) for s in sys.argv[2:]])
+    _worker(sys.argv[1], sys.argv[2:])
