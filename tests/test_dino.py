@@ -235,7 +235,12 @@ def test_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
     loss.backward()
     grads = torch.cat([p.grad.reshape(-1) for p in model.student.parameters() if p.requires_grad])
     torch.testing.assert_close(two["center"], model.center, rtol=1e-5, atol=1e-7)   # all-reduced
-    torch.testing.assert_close(two["grads"], grads, rtol=1e-4, atol=1e-7)
+    # per parameter, to fp32 noise at that parameter's scale (the head's gradients reach ~200, and sums
+    # over 3 + 3 rows differ from sums over 6 in the last bits)
+    sizes = [p.numel() for p in model.student.parameters() if p.requires_grad]
+    for (name, p), a, b in zip([(n, p) for n, p in model.student.named_parameters() if p.requires_grad],
+                               two["grads"].split(sizes), grads.split(sizes)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item(), msg=lambda m: f"{name}: {m}")
 
 
 # -- on the Trainer: train, checkpoint, resume, 2 ranks, evaluation ---------------------------------
