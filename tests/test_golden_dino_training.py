@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -162,71 +163,99 @@ def _overrides(run: dict, stage: int, world: int, out: Path, bf16: bool) -> list
             "--deepspeed.zero_optimization.stage", str(stage), "--deepspeed.bf16.enabled", str(bf16).lower()]
 
 
-def _trainer_run(key: str, out: Path) -> dict:
-    """Every step of the golden run through the Trainer's train_step; after each, a checkpoint."""
-    import deepspeed
-    import torch.distributed as dist
-
+def _trainer(key: str, out: Path, resume: str = ""):
+    """A Trainer on the golden run's config whose model is the golden head (fastmoco's DINO classes);
+    its client optimizer records, after the gradient rules, what AdamW steps and the last layer's state."""
     from fastmoco import methods, train
     from fastmoco.config import load_config
-    from fastmoco.momentum import assemble
 
     g = golden("dino_training.pt")
     run = g["run"]
     clients = []
+    real_build_optimizer = train.build_optimizer
 
     def build(self, cfg):
         return head_only_dino(run, g["initial"])
 
     def build_optimizer(*a, **k):
-        clients.append(train_build_optimizer(*a, **k))
+        clients.append(real_build_optimizer(*a, **k))
         return clients[-1]
 
-    train_build_optimizer = train.build_optimizer
-    methods.DINOMethod.build, train.build_optimizer = build, build_optimizer
     world = int(os.environ.get("WORLD_SIZE", "1"))
     stage, extra = BF16[key] if key in BF16 else (int(key), [])
-    t = train.Trainer(load_config(CONFIG, _overrides(run, stage, world, out / f"run{key}", key in BF16) + extra))
-    rank, K, BN = t.rank, run["out_dim"], run["bottleneck_dim"]
-    adamw_last, grad_sq = [], []
+    cfg = load_config(CONFIG, _overrides(run, stage, world, out / f"run{key}", key in BF16) + extra)
+    with mock.patch.object(methods.DINOMethod, "build", build), mock.patch.object(train, "build_optimizer",
+                                                                                 build_optimizer):
+        t = train.Trainer(cfg, resume=resume)
+    K, BN = run["out_dim"], run["bottleneck_dim"]
+    t.adamw_last, t.grad_sq = [], []
 
     def record_grads(opt, args, kwargs):   # after GradientRules' hook: what AdamW steps (ZeRO: per group)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        grad_sq[-1] += sum(float(g.double().square().sum()) for g in grads)
+        t.grad_sq[-1] += sum(float(g.double().square().sum()) for g in grads)
 
     def record_last_layer(opt, args, kwargs):  # the frozen group's state (a flat partition under ZeRO)
         for group in opt.param_groups:
             if group.get("last_layer") and group["params"]:
                 state = opt.state[group["params"][0]]
-                adamw_last.append({k: v.reshape(-1)[:K * BN].view(K, BN).clone() if v.dim() else v.clone()
-                                   for k, v in state.items()} if state and world == 1 else None)
+                t.adamw_last.append({k: v.reshape(-1)[:K * BN].view(K, BN).clone() if v.dim() else v.clone()
+                                     for k, v in state.items()} if state and world == 1 else None)
 
     clients[-1].register_step_pre_hook(record_grads)   # registered after the rules': runs after them
     clients[-1].register_step_post_hook(record_last_layer)
-    names = [n for n, p in t.model.student.named_parameters()]
+    return t
+
+
+def _steps(t) -> list[dict]:
+    """The golden run's remaining steps through the Trainer's train_step; after each, a checkpoint, whose
+    teacher is read back from its files (fastmoco.momentum.assemble, as export does)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from fastmoco.momentum import assemble
+
+    g = golden("dino_training.pt")
+    run = g["run"]
+    world = t.world
     teacher_names = [n for n, _ in t.model.teacher.named_parameters()]
-    rows = slice(rank * run["batch"] // world, (rank + 1) * run["batch"] // world)
+    rows = slice(t.rank * run["batch"] // world, (t.rank + 1) * run["batch"] // world)
+    dtype = next(t.model.parameters()).dtype
     steps = []
-    for step, views in enumerate(g["inputs"]):
+    for step in range(t.step, len(g["inputs"])):
         t.epoch = step // run["iters"]   # what fit() counts from the loader
-        grad_sq.append(0.0)
-        loss = t.train_step(*[v[rows].to(next(t.model.parameters()).dtype) for v in views])
+        t.grad_sq.append(0.0)
+        loss = t.train_step(*[v[rows].to(dtype) for v in g["inputs"][step]])
         t.step += 1
-        loss = loss.detach().clone()
+        loss = loss.detach().float().clone()
         dist.all_reduce(loss)
         params = dict(t.model.student.named_parameters())
         with deepspeed.zero.GatheredParameters(list(params.values())):   # ZeRO-3: collective; else as is
             student = {n: p.detach().clone() for n, p in params.items()}   # fp32 run: the master's values
         path = t.save()
         states = [torch.load(f, weights_only=True)["momentum"] for f in sorted(path.glob("fastmoco_rank*.pt"))]
-        full = assemble(states)
-        teacher = {teacher_names[i]: v for i, v in full.items()}
-        steps.append({"loss": loss.float() / world, "center": t.model.center.float().clone(), "student": student,
-                      "teacher": teacher, "grad_norm": grad_sq[-1] ** 0.5 if world == 1 else None})
-    result = {"steps": steps, "adamw_last": adamw_last, "names": names,
-              "optimizer": type(t.optimizer).__name__}
+        teacher = {teacher_names[i]: v for i, v in assemble(states).items()}
+        steps.append({"loss": loss / world, "center": t.model.center.float().clone(), "student": student,
+                      "teacher": teacher, "grad_norm": t.grad_sq[-1] ** 0.5 if world == 1 else None})
+    return steps
+
+
+def _trainer_run(key: str, out: Path) -> dict:
+    """The golden run through the Trainer; fp32 runs also again from the checkpoint saved at the end of
+    the frozen epoch (the last layer's optimizer state there: none)."""
+    import deepspeed
+
+    from fastmoco.checkpoint import tag_for
+
+    g = golden("dino_training.pt")
+    t = _trainer(key, out)
+    result = {"steps": _steps(t), "adamw_last": t.adamw_last, "optimizer": type(t.optimizer).__name__}
+    if key not in BF16:
+        frozen = g["run"]["freeze_last_layer"] * g["run"]["iters"]
+        resumed = _trainer(key, out, resume=str(t.ckpt_dir / tag_for(frozen)))
+        assert resumed.step == frozen
+        result["resumed"] = {"steps": _steps(resumed), "adamw_last": resumed.adamw_last}
     deepspeed.comm.barrier()
-    return result if rank == 0 else None
+    return result if t.rank == 0 else None
 
 
 def _worker(out: str, keys: list[str]) -> None:
@@ -262,20 +291,23 @@ def _grad_norm(step: dict) -> float:
     return sum(float(g.double().square().sum()) for g in step["grads"].values()) ** 0.5
 
 
-def _check_against_golden(result: dict, stage: int, adamw: bool) -> None:
+def _check_against_golden(result: dict, stage: int, adamw: bool, first: int = 0) -> None:
+    """`result`: steps `first`... of the golden run (first > 0: a run resumed from a checkpoint)."""
     g = golden("dino_training.pt")
     run = g["run"]
     last = "head.last_layer.weight_v"
-    assert len(result["steps"]) == len(g["steps"]) == run["epochs"] * run["iters"]
-    for step, (got, want) in enumerate(zip(result["steps"], g["steps"])):
-        where = f"ZeRO-{stage} step {step}"
+    assert len(g["steps"]) == run["epochs"] * run["iters"] and len(result["steps"]) == len(g["steps"]) - first
+    for i, (got, want) in enumerate(zip(result["steps"], g["steps"][first:])):
+        step = first + i
+        where = f"ZeRO-{stage} step {step}" + (f" (resumed at {first})" if first else "")
         torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} loss: {m}")
         if got["grad_norm"] is not None:
             assert got["grad_norm"] == pytest.approx(_grad_norm(want), rel=1e-5), where
         torch.testing.assert_close(got["center"], want["center"], rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{where} center: {m}")
-        for n in result["names"]:
-            torch.testing.assert_close(got["student"][n], want["student"][n], rtol=2e-4, atol=2e-6,
+        assert got["student"].keys() == want["student"].keys()
+        for n, v in want["student"].items():
+            torch.testing.assert_close(got["student"][n], v, rtol=2e-4, atol=2e-6,
                                        msg=lambda m: f"{where} student {n}: {m}")
         for n, v in want["teacher"].items():
             if n in got["teacher"]:   # the frozen weight_g (norm_last_layer) is not in the EMA state
@@ -283,7 +315,7 @@ def _check_against_golden(result: dict, stage: int, adamw: bool) -> None:
                                            msg=lambda m: f"{where} teacher {n}: {m}")
         assert set(want["teacher"]) - set(got["teacher"]) <= {"head.last_layer.weight_g"}
         if adamw:   # the last layer's AdamW state: none while frozen, then counted from its first step
-            mine, theirs = result["adamw_last"][step], want["adamw"].get(last)
+            mine, theirs = result["adamw_last"][i], want["adamw"].get(last)
             assert (mine is None) == (theirs is None), f"{where}: AdamW state {mine} vs the official {theirs}"
             if theirs is not None:
                 assert float(mine["step"]) == float(theirs["step"]), where
@@ -304,10 +336,14 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_trainer_steps_equal_official_train_one_epoch(one_process, stage):
     """ZeRO 0-3, one process: per-parameter clipping, the frozen last layer (no AdamW state in epoch 0,
-    step count from 1 after it), the teacher's EMA after each optimizer step as saved in the checkpoint."""
+    step count from 1 after it), the teacher's EMA after each optimizer step as saved in the checkpoint;
+    and the same steps again from the checkpoint saved at the end of the frozen epoch."""
     result = one_process[str(stage)]
     assert result["optimizer"] == {0: "AdamW", 3: "DeepSpeedZeroOptimizer_Stage3"}.get(stage, "DeepSpeedZeroOptimizer")
     _check_against_golden(result, stage, adamw=True)
+    g = golden("dino_training.pt")
+    _check_against_golden(result["resumed"], stage, adamw=True,
+                          first=g["run"]["freeze_last_layer"] * g["run"]["iters"])
 
 
 @pytest.mark.slow
