@@ -257,10 +257,10 @@ def bench_ema(cfg, t: _Timer, device, dtype) -> list[dict]:
     momentum weights in that dtype written in the same pass (ema_multi_ with bf16_out);
     kernel_fp32: fp32 online, no copy. Against: the official per-parameter loop (ema_ref_),
     torch._foreach_lerp_ with a host scalar, and one lerp over flat fp32 buffers."""
-    from fastmoco.kernels.ema import ema_multi_, ema_ref_
+    from fastmoco.kernels.ema import ema_coefficients, ema_multi_, ema_ref_
 
     out = []
-    m = torch.tensor(0.99, device=device)
+    m = ema_coefficients(0.99).to(device)  # [m, 1 - m], as the Trainer passes them
     copy = copy_bandwidth_gbps(device) if device.type == "cuda" else None
     low = dtype if dtype != torch.float32 else torch.bfloat16
     for arch, img, _, _ in cfg["ema"]:

@@ -58,7 +58,9 @@ class DINOConfig:
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # cosine-increased to 1
-    freeze_last_layer: int = 1       # epochs in which the last layer does not move
+    freeze_last_layer: int = 1       # epochs in which the last layer's gradients are dropped (AdamW skips it)
+    clip_grad: float = 3.0           # each parameter's gradient clipped to this norm on its own (0: off);
+                                     # deepspeed.gradient_clipping (the global norm) must then be 0
     weight_decay_end: float = 0.4    # cosine from optim.weight_decay to this
     min_lr: float = 1e-6             # the lr cosine ends here
     global_crops: int = 2

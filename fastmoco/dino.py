@@ -19,10 +19,11 @@ parameter names are the official ones whatever torch's weight_norm API does.
 The student runs its crops grouped by resolution (one backbone call per
 resolution, DINO's MultiCropWrapper), the heads once on all of them. The
 teacher EMA is the multi-tensor EMA of `fastmoco.momentum` over backbone and
-head. Order within a step, as the official loop: the teacher of step t is the
-EMA after step t - 1's update, so the step's `m` is the schedule's value of the
-previous step (1 at step 0: no change); the loss uses the center before this
-step's update.
+head. Order within a step, as the official loop (main_dino.train_one_epoch):
+loss (with the center before this step's update), backward, the optimizer step,
+then `update_teacher` with the schedule's m of this step (the Trainer calls it
+after the step, fastmoco/methods.py `after_step`); a checkpoint or evaluation
+after step t holds the teacher after update t.
 """
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ class DINO(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, m: torch.Tensor) -> None:
+        """teacher <- m * teacher + (1 - m) * student over backbone and head, in one multi-tensor op.
+        `m`: [m, 1 - m], a (2,) fp32 tensor on the device (no host sync)."""
         if self.momentum_state is None:
             self.build_momentum_state()
         self.momentum_state.update(m)
@@ -164,12 +167,10 @@ class DINO(nn.Module):
         mean = total / (rows * get_world_size())
         self.center.copy_(self.center.float() * self.center_momentum + mean[None] * (1 - self.center_momentum))
 
-    def forward(self, *crops: torch.Tensor, m: torch.Tensor | None = None, teacher_temp: float = 0.04) -> torch.Tensor:
-        """crops: the global crops first, then the local ones, each (B, 3, S, S). `m`: 0-dim device
-        tensor, the previous step's teacher momentum (the teacher is updated first); `teacher_temp`:
-        a host float (the schedule's). Returns the loss."""
-        if m is not None:
-            self.update_teacher(m)
+    def forward(self, *crops: torch.Tensor, teacher_temp: float = 0.04) -> torch.Tensor:
+        """crops: the global crops first, then the local ones, each (B, 3, S, S). `teacher_temp`: a
+        host float (the schedule's). Returns the loss. (The teacher is updated after the optimizer
+        step: `update_teacher`.)"""
         student = self.student(list(crops))                                         # (V_s, B, K)
         with torch.no_grad():
             teacher = self.teacher(list(crops[: self.num_global]))                   # (V_t, B, K)
@@ -180,8 +181,9 @@ class DINO(nn.Module):
 
 def param_groups(model: "DINO") -> list[dict]:
     """DINO's groups: weights regularised, biases and 1-d parameters (norms) not; the head's last layer
-    apart (`last_layer`), so the trainer can hold it still in the first epoch(s) (lr 0: DINO cancels its
-    gradients instead; with lr 0 AdamW's moments still see them, the weights do not move either way)."""
+    in groups of its own (`last_layer`), so the Trainer can mark them `frozen` in the first epoch(s):
+    their gradients are dropped before AdamW steps (DINO's cancel_gradients_last_layer), which under
+    ZeRO drops exactly the group's flat partition."""
     groups = {(wd, last): [] for wd in (True, False) for last in (False, True)}
     for name, p in model.student.named_parameters():
         if p.requires_grad:

@@ -7,13 +7,18 @@ evaluation and bench are shared (config key `method`).
     groups = method.param_groups(model, cfg)                 # optimizer groups (keys: params, apply_wd, ...)
     sched = method.schedules(cfg, steps_per_epoch=..., global_batch=...)
     kwargs = method.step_kwargs(sched, device)               # step -> forward's keyword arguments
-    scale = method.lr_scale(group, epoch)                    # a group's lr factor at an epoch
+    after = method.after_step(sched, device)                 # (module, step) -> None after the optimizer
+                                                             # step, or None (DINO: the teacher's EMA)
+    frozen = method.frozen(group, epoch)                     # the group's gradients dropped at that epoch
+    method.clip_per_parameter                                # > 0: each parameter's gradient clipped alone
 
 Views come from the loader as the data config's crop specs make them: MoCo v3
 uses the two global crops, DINO adds `data.local_crops` local ones. Each
 module has `online_backbone` / `momentum_backbone` (MoCo: base / momentum
 encoder; DINO: student / teacher), which evaluation and export read, and
-`build_momentum_state(optimizer, rank)` for the fp32 EMA.
+`build_momentum_state(optimizer, rank)` for the fp32 EMA. The EMA's coefficients are a row of
+[m, 1 - m] of each iteration, both rounded from the float64 schedule (kernels/ema.py
+`ema_coefficients`), on the device: a step indexes it without a host sync.
 """
 from __future__ import annotations
 
@@ -38,9 +43,17 @@ class Schedules:
         return len(self.lr)
 
 
+def _ema_table(sched: Schedules, device) -> torch.Tensor:
+    """(T, 2) fp32 [m_t, 1 - m_t] on the device; row t is a view (no copy, no sync)."""
+    from fastmoco.kernels.ema import ema_coefficients
+
+    return ema_coefficients(sched.momentum).to(device)
+
+
 class MoCoV3:
     name = "moco_v3"
     default_encoder = "online"     # MoCo v3 evaluates the base encoder
+    clip_per_parameter = 0.0       # clipping, if any, is DeepSpeed's global norm (deepspeed.gradient_clipping)
 
     def build(self, cfg):
         from fastmoco.moco import MoCo
@@ -57,17 +70,25 @@ class MoCoV3:
         return Schedules(lr=s.lr, momentum=s.momentum)
 
     def step_kwargs(self, sched: Schedules, device):
-        # m_t read on the device by the EMA: indexing with a Python int is a view, not a sync
-        m = sched.momentum.to(device, torch.float32)
-        return lambda step: {"m": m[step]}
+        # MoCo v3 updates the momentum encoder with m_t at the start of step t's forward (the official
+        # order); the EMA reads [m_t, 1 - m_t] on the device
+        coef = _ema_table(sched, device)
+        return lambda step: {"m": coef[step]}
 
-    def lr_scale(self, group: dict, epoch: int) -> float:
-        return 1.0
+    def after_step(self, sched: Schedules, device):
+        return None
+
+    def frozen(self, group: dict, epoch: int) -> bool:
+        return False
 
 
 class DINOMethod:
     name = "dino"
     default_encoder = "momentum"   # DINO evaluates the teacher
+
+    def __init__(self, freeze_epochs: int = 1, clip_per_parameter: float = 3.0):
+        self.freeze_epochs = freeze_epochs
+        self.clip_per_parameter = clip_per_parameter
 
     def build(self, cfg):
         from fastmoco.dino import DINO
@@ -97,18 +118,20 @@ class DINOMethod:
         return Schedules(lr=lr, momentum=momentum, weight_decay=wd, extra={"teacher_temp": temp})
 
     def step_kwargs(self, sched: Schedules, device):
-        # The teacher of step t is the EMA after step t - 1 (DINO updates it after the optimizer step):
-        # the module updates first, with the previous step's momentum; 1 at step 0 leaves it as is.
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), sched.momentum[:-1]]).to(device, torch.float32)
         temps = sched.extra["teacher_temp"].tolist()
-        return lambda step: {"m": prev[step], "teacher_temp": temps[step]}
+        return lambda step: {"teacher_temp": temps[step]}
 
-    def lr_scale(self, group: dict, epoch: int) -> float:
-        """DINO's freeze_last_layer: the head's last layer holds still in the first epoch(s)."""
-        return 0.0 if group.get("last_layer") and epoch < self.freeze_epochs else 1.0
+    def after_step(self, sched: Schedules, device):
+        """DINO's order (main_dino.train_one_epoch): the teacher's EMA with m_t of the student after
+        step t's optimizer step, in the same step, so a checkpoint or evaluation after step t holds
+        the teacher after update t."""
+        coef = _ema_table(sched, device)
+        return lambda module, step: module.update_teacher(coef[step])
 
-    def __init__(self, freeze_epochs: int = 1):
-        self.freeze_epochs = freeze_epochs
+    def frozen(self, group: dict, epoch: int) -> bool:
+        """DINO's freeze_last_layer: the head's last layer gets no gradient in the first epoch(s)
+        (cancel_gradients_last_layer; AdamW skips it: no moments, no step count)."""
+        return bool(group.get("last_layer")) and epoch < self.freeze_epochs
 
 
 METHODS = {"moco_v3": MoCoV3, "dino": DINOMethod}
@@ -119,5 +142,12 @@ def get_method(cfg):
     if cfg.method not in METHODS:
         raise ConfigError(f"method {cfg.method!r} unknown (known: {', '.join(METHODS)})")
     if cfg.method == "dino":
-        return DINOMethod(cfg.dino.freeze_last_layer)
+        clip, global_clip = cfg.dino.clip_grad, cfg.deepspeed.get("gradient_clipping", 0.0)
+        if not isinstance(clip, (int, float)) or clip < 0:
+            raise ConfigError(f"dino.clip_grad must be >= 0 (0: off), got {clip!r}")
+        if clip > 0 and global_clip:
+            raise ConfigError(f"method dino clips each parameter's gradient on its own (dino.clip_grad {clip}, "
+                              f"DINO's clip_gradients); deepspeed.gradient_clipping {global_clip} would also clip "
+                              "their global norm: set one of them to 0")
+        return DINOMethod(cfg.dino.freeze_last_layer, float(clip))
     return MoCoV3()

@@ -82,7 +82,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def update_momentum_encoder(self, m: torch.Tensor) -> None:
         """momentum <- m * momentum + (1 - m) * online over all parameters, in one multi-tensor op.
-        `m`: 0-dim fp32 tensor on the parameters' device (no host sync)."""
+        `m`: [m, 1 - m], a (2,) fp32 tensor on the parameters' device (no host sync)."""
         if self.momentum_state is None:
             self.build_momentum_state()
         self.momentum_state.update(m)

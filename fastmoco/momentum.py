@@ -2,6 +2,9 @@
 
     master <- m * master + (1 - m) * online;  copy <- bf16(master)   (one fused op on the GPU)
 
+m and 1 - m come as one (2,) fp32 device tensor, each rounded from the float64 schedule
+(`fastmoco.kernels.ema.ema_coefficients`; the methods' step functions pass a row of its table).
+
 `online` is the online encoder's fp32 weights: under bf16 the optimizer's fp32
 master (the official code blends fp32 weights; the bf16 module weights are a
 rounding of them), read where the optimizer keeps it, so the EMA makes no extra
@@ -219,7 +222,8 @@ class MomentumState:
 
     @torch.no_grad()
     def update(self, m: torch.Tensor) -> None:
-        """`m`: 0-dim fp32 tensor on the device (no host sync)."""
+        """`m`: [m, 1 - m], a (2,) fp32 tensor on the device (no host sync; see kernels/ema.py `_as_coef`
+        for the other forms it takes)."""
         if self._ema_master:  # a ZeRO-1/2 rank whose partition holds only the predictor has none
             ops.ema_update_(self._ema_master, self._online, m, self._copy)
         if self._publish is not None:

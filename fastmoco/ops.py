@@ -8,6 +8,8 @@ kernel or the unfused PyTorch reference:
                             once per shape, `kernels/tuner.py`), else the reference
           "on":  always the kernel (CPU tests run it under TRITON_INTERPRET=1)
           "off": always the reference
+          "apex" (op ema only): apex's amp_C on CUDA (a host sync per step; the reference on
+                 the CPU), an alternative for benches
 
 `use_fused(op, t, ...)` is the one decision: every op below asks it, so what
 it answers is what runs. Nothing here imports Triton: the kernel modules are
@@ -16,8 +18,8 @@ wherever the kernels' own modules can be imported.
 
 Environment overrides, read once at import: FASTMOCO_FUSED=0 turns every op
 off; FASTMOCO_FUSED_<OP>=0|1|auto sets one (OP: ATTENTION, LAYERNORM,
-CONTRASTIVE, EMA, DINO_LOSS, LARS). In code: `set_fused(attention="off")` or the context
-manager `fused(attention="on", layernorm="on")`.
+CONTRASTIVE, EMA, DINO_LOSS, LARS; FASTMOCO_FUSED_EMA=apex too). In code:
+`set_fused(attention="off")` or the context manager `fused(attention="on", layernorm="on")`.
 """
 from __future__ import annotations
 
@@ -29,17 +31,26 @@ import torch
 
 OPS = ("attention", "layernorm", "contrastive", "ema", "dino_loss", "lars")
 _MODES = ("auto", "on", "off")
+_OP_MODES = {"ema": ("apex",)}  # modes only one op has
 _ENV_VALUES = {"0": "off", "1": "on", "auto": "auto", "off": "off", "on": "on"}
 
 
+def _modes_of(op: str) -> tuple[str, ...]:
+    return _MODES + _OP_MODES.get(op, ())
+
+
 def _modes_from_env() -> dict[str, str]:
+    if "FASTMOCO_EMA_APEX" in os.environ:
+        raise ValueError("FASTMOCO_EMA_APEX is gone: the EMA's apex path is FASTMOCO_FUSED_EMA=apex")
     default = "off" if os.environ.get("FASTMOCO_FUSED", "auto") in ("0", "off") else "auto"
     modes = {}
     for op in OPS:
         value = os.environ.get(f"FASTMOCO_FUSED_{op.upper()}", default)
-        if value not in _ENV_VALUES:
-            raise ValueError(f"FASTMOCO_FUSED_{op.upper()}={value!r}: expected 0, 1 or auto")
-        modes[op] = _ENV_VALUES[value]
+        mode = _ENV_VALUES.get(value, value if value in _OP_MODES.get(op, ()) else None)
+        if mode is None:
+            raise ValueError(f"FASTMOCO_FUSED_{op.upper()}={value!r}: expected 0, 1, auto"
+                             + "".join(f" or {m}" for m in _OP_MODES.get(op, ())))
+        modes[op] = mode
     return modes
 
 
@@ -50,8 +61,8 @@ def set_fused(**modes: str) -> None:
     for op, mode in modes.items():
         if op not in OPS:
             raise ValueError(f"unknown fused op {op!r} (known: {', '.join(OPS)})")
-        if mode not in _MODES:
-            raise ValueError(f"fused op {op}: mode {mode!r} not in {_MODES}")
+        if mode not in _modes_of(op):
+            raise ValueError(f"fused op {op}: mode {mode!r} not in {_modes_of(op)}")
         _mode[op] = mode
 
 
@@ -70,7 +81,7 @@ def use_fused(op: str, t: torch.Tensor, **shape) -> bool:
     on, as the op passes it (attention: num_heads; layernorm: weight_dtype, has_branch)."""
     mode = _mode[op]
     if mode != "auto" or not t.is_cuda:
-        return mode == "on"
+        return mode == "on"  # "apex" is not our kernel: ema_update_ asks for it itself
     if op in ("attention", "layernorm"):  # per shape: the op's module times kernel vs torch
         return importlib.import_module(f"fastmoco.kernels.{op}").kernel_faster(t, **shape)
     return True
@@ -134,16 +145,19 @@ def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor
 def ema_update_(momentum: list[torch.Tensor], online: list[torch.Tensor], m: torch.Tensor,
                 bf16_out: list[torch.Tensor] | None = None) -> None:
     """momentum <- m * momentum + (1 - m) * online over every tensor of the lists, then (optionally)
-    bf16_out <- momentum. `m` a 0-dim device tensor (no host sync); momentum fp32, online fp32/bf16.
-    The kernel path is one launch (`ema_multi_`), or apex's when FASTMOCO_EMA_APEX=1 asks for it."""
+    bf16_out <- momentum. `m`: the (2,) fp32 device tensor [m, 1 - m], both rounded from float64
+    (`fastmoco.kernels.ema.ema_coefficients`; no host sync); momentum fp32, online fp32/bf16.
+    The kernel path is one launch (`ema_multi_`); mode "apex" takes apex's on CUDA."""
     if not momentum:
         return
     from fastmoco.kernels import ema as module
 
-    if not use_fused("ema", momentum[0]):
-        fn = module.ema_foreach_
+    if _mode["ema"] == "apex" and momentum[0].is_cuda:
+        fn = module.ema_apex_
+    elif use_fused("ema", momentum[0]):
+        fn = module.ema_multi_
     else:
-        fn = module.ema_apex_ if module.use_apex(momentum[0]) else module.ema_multi_
+        fn = module.ema_foreach_
     fn(momentum, online, m, bf16_out)
 
 

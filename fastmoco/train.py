@@ -34,7 +34,7 @@ from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
 from fastmoco.metrics import MetricLogger, NonFiniteLossError
 from fastmoco.methods import get_method
-from fastmoco.optim import LARS, build_optimizer
+from fastmoco.optim import after_initialize, build_optimizer
 from fastmoco.pipelines import DatasetError
 from fastmoco.preemption import Preemption, exit_with_parent
 
@@ -148,6 +148,7 @@ class Trainer:
         self.momenta = self.sched.momentum.tolist()
         self.wds = self.sched.weight_decay.tolist() if self.sched.weight_decay is not None else None
         self.step_kwargs = self.method.step_kwargs(self.sched, self.device)  # step -> the module's extra args
+        self.after_step = self.method.after_step(self.sched, self.device)    # (module, step) after the update
 
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         model = self.method.build(cfg)
@@ -156,10 +157,10 @@ class Trainer:
             init_from(model, cfg.model.init_from)
         model = model.to(self.device)
         optimizer = build_optimizer(cfg.optim, self.method.param_groups(model, cfg), lr=self.lrs[0],
-                                    use_cuda=self.use_cuda, zero_stage=self.zero_stage)
+                                    use_cuda=self.use_cuda, zero_stage=self.zero_stage,
+                                    clip_per_parameter=self.method.clip_per_parameter)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        if isinstance(optimizer, LARS):  # ZeRO-1/2 step it on flat partitions: where each parameter lies
-            optimizer.locate_partitions(self.optimizer)
+        after_initialize(optimizer, self.optimizer)  # where each parameter lies in what ZeRO steps
         self.model = self.engine.module
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
         # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.
@@ -222,12 +223,15 @@ class Trainer:
     def train_step(self, *views: torch.Tensor) -> torch.Tensor:
         lr, wd = self.lrs[self.step], self.wds[self.step] if self.wds is not None else None
         for group in self.optimizer.param_groups:  # a handful of groups, host floats: no sync
-            group["lr"] = lr * self.method.lr_scale(group, self.epoch)
+            group["lr"] = lr
+            group["frozen"] = self.method.frozen(group, self.epoch)  # gradients dropped (optim.GradientRules)
             if wd is not None and group.get("apply_wd"):
                 group["weight_decay"] = wd
-        loss = self.engine(*views, **self.step_kwargs(self.step))  # EMA update, then both encoders
+        loss = self.engine(*views, **self.step_kwargs(self.step))  # MoCo: EMA update first; both encoders
         self.engine.backward(loss)
         self.engine.step()
+        if self.after_step is not None:
+            self.after_step(self.model, self.step)  # DINO: the teacher's EMA of the updated student
         return loss.detach()
 
     def fit(self) -> None:

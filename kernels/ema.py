@@ -1,9 +1,15 @@
 """Momentum-encoder update (EMA): momentum <- m * momentum + (1 - m) * online.
 
+The coefficients come as a pair `coef` = [m, 1 - m] (fp32, on the device): both rounded once from the
+float64 schedule (`ema_coefficients`), as the official loops do (they multiply fp32 weights by the
+Python floats m and 1 - m). Forming 1 - m in fp32 from an fp32 m instead loses up to 1e-4 of it over
+MoCo v3's ViT-B schedule, and m rounds to exactly 1 in its last 102 of 93,600 iterations (DINO
+ViT-S/16's, 100 epochs at batch 1024: the last 217 of 125,100), where 1 - m is still ~1e-11.
+
 What is fused (`ema_multi_`): the EMA of every momentum-encoder parameter in
 ONE launch over arbitrary tensor lists (module parameters, ZeRO-3 shard
-lists), the read of `m` from a device tensor (no host sync: the update can sit
-in a captured CUDA graph), and, in the same pass, the bf16 copy of the updated
+lists), the read of [m, 1 - m] from a device tensor (no host sync: the update
+can sit in a captured CUDA graph), and, in the same pass, the bf16 copy of the updated
 weights that the momentum encoder's bf16 forward uses. The kernel walks a
 table of data pointers, sizes and per-program (tensor index, start) pairs, the
 way apex's multi_tensor_apply chunks its lists; the table is built once per
@@ -23,12 +29,10 @@ entries would still be device addresses. The launcher refuses that case.)
 
 The other paths, chosen by the ops switch (`fastmoco.ops.ema_update_`):
 `ema_foreach_` (torch multi-tensor ops: the CPU path) and `ema_apex_` (apex's
-amp_C, when `use_apex` says so). Reference: `ema_ref_` (the official
+amp_C, the switch's mode "apex"). Reference: `ema_ref_` (the official
 per-parameter loop).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -41,14 +45,11 @@ BLOCK = 4096  # elements per program: 16 per thread at 8 warps, 4 x 128-bit fp32
 NUM_WARPS = 8
 _ALIGN_BYTES = 16  # a 128-bit vector access needs a 16-byte aligned address
 _PLAN_CACHE_SIZE = 8  # momentum/online/shard sets kept; each entry holds only int64 tables
-# apex's amp_C.multi_tensor_axpby takes m as a host float (a sync per step) and cannot
-# write the bf16 copy in the same pass; off unless a bench on the target GPU says otherwise.
-USE_APEX = os.environ.get("FASTMOCO_EMA_APEX", "0") == "1"
 _APEX_CHUNK = 2048 * 32  # elements per chunk of apex's multi_tensor_apply (its default)
 
 
 @triton.jit
-def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr, HAS_OUT: tl.constexpr,
+def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, c, IS_FULL: tl.constexpr, HAS_OUT: tl.constexpr,
                IS_INTERPRETER: tl.constexpr):
     """One block: fp32 EMA, optional bf16 copy. The full-block branch carries no
     mask so the accesses vectorise; only a tensor's last block is masked."""
@@ -59,7 +60,7 @@ def _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, IS_FULL: tl.constexpr,
         mask = offs < numel
         w = tl.load(mom_ptr + offs, mask=mask, other=0.0)
         x = tl.load(onl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = m * w + (1.0 - m) * x  # same order as the reference loop
+    w = m * w + c * x  # c = 1 - m, rounded from float64; the reference loop's order
     if IS_FULL:
         tl.store(mom_ptr + offs, w)
         if HAS_OUT:
@@ -75,7 +76,7 @@ def _ema_multi_kernel(
     ptr_tab,  # (3, T) int64 data addresses: momentum (fp32), online, bf16 copy
     numel_tab,  # (T,) int64 element counts
     blk_tab,  # (2, B) int64: tensor index, start element of program b
-    m_ptr,  # () fp32 momentum coefficient
+    coef_ptr,  # (2,) fp32: m, 1 - m
     T,
     B,
     BLOCK: tl.constexpr,
@@ -99,21 +100,38 @@ def _ema_multi_kernel(
         out_ptr = tl.multiple_of(out_ptr, 16)
         start = tl.multiple_of(start, BLOCK)
     offs = start + tl.arange(0, BLOCK)
-    m = tl.load(m_ptr).to(tl.float32)
+    m = tl.load(coef_ptr)
+    c = tl.load(coef_ptr + 1)
     if start + BLOCK <= numel:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, True, HAS_OUT, IS_INTERPRETER)
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, c, True, HAS_OUT, IS_INTERPRETER)
     else:
-        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, False, HAS_OUT, IS_INTERPRETER)
+        _ema_block(mom_ptr, onl_ptr, out_ptr, offs, numel, m, c, False, HAS_OUT, IS_INTERPRETER)
 
 
-def _as_m(m, device: torch.device) -> torch.Tensor:
-    """The momentum coefficient as a 0-dim fp32 tensor on `device` (a float is
-    accepted for convenience; it costs an allocation and a copy per call)."""
+def ema_coefficients(m) -> torch.Tensor:
+    """[m, 1 - m] in fp32, each rounded once from float64: a Python float gives (2,), a float64
+    schedule (T,) gives the (T, 2) table whose row t a step passes (a view: no copy, no sync)."""
+    m = torch.as_tensor(m, dtype=torch.float64)
+    return torch.stack([m, 1.0 - m], dim=-1).to(torch.float32)
+
+
+def _as_coef(m, device: torch.device) -> torch.Tensor:
+    """The (2,) fp32 [m, 1 - m] on `device`, from what a caller passes:
+    - the pair itself (a (2,) tensor, e.g. a row of `ema_coefficients`'s table): as is;
+    - a Python float: both formed in float64 (an allocation and a copy per call);
+    - a one-element tensor m: 1 - m formed in m's dtype on the device (no sync). For a float64 m both
+      round once; for an fp32 m >= 0.5, 1 - m is exact (Sterbenz), so the pair is that fp32 m's own,
+      but that m carries the rounding of the schedule: pass the pair from float64 where you have it."""
     if not isinstance(m, torch.Tensor):
-        return torch.tensor(float(m), dtype=torch.float32, device=device)
-    if m.numel() != 1 or m.device != device:
-        raise ValueError(f"m must be a 0-dim tensor on {device}, got shape {tuple(m.shape)} on {m.device}")
-    return m.reshape(()).to(torch.float32)
+        return ema_coefficients(float(m)).to(device)
+    if m.device != device:
+        raise ValueError(f"EMA coefficients on {m.device}, the tensors on {device}")
+    if m.numel() == 1:
+        m = m.reshape(())
+        return torch.stack([m, 1 - m]).to(torch.float32)
+    if m.shape != (2,):
+        raise ValueError(f"EMA coefficients must be [m, 1 - m] of shape (2,) or one m, got shape {tuple(m.shape)}")
+    return m.to(torch.float32)
 
 
 def _check_launchable(t: torch.Tensor) -> None:
@@ -189,7 +207,7 @@ def ema_multi_(momentum_list: list[torch.Tensor], online_list: list[torch.Tensor
 
     momentum_list fp32 (updated in place); online_list all bf16 or all fp32,
     same numels; bf16_out_list, if given, bf16 tensors that receive the updated
-    momentum. Pointer tables are cached keyed on the data pointers: after the
+    momentum. `m`: the pair [m, 1 - m] (see `_as_coef`). Pointer tables are cached keyed on the data pointers: after the
     first call with a given set of tensors a call does no host->device copy.
     """
     keep = [i for i, t in enumerate(momentum_list) if t.numel() > 0]
@@ -201,9 +219,9 @@ def ema_multi_(momentum_list: list[torch.Tensor], online_list: list[torch.Tensor
         bf16_out_list = None if bf16_out_list is None else [bf16_out_list[i] for i in keep]
     _check_launchable(momentum_list[0])
     plan = _plan_for(momentum_list, online_list, bf16_out_list)
-    m = _as_m(m, momentum_list[0].device)
+    coef = _as_coef(m, momentum_list[0].device)
     _ema_multi_kernel[(plan.B,)](
-        plan.ptr_tab, plan.numel_tab, plan.blk_tab, m, plan.T, plan.B,
+        plan.ptr_tab, plan.numel_tab, plan.blk_tab, coef, plan.T, plan.B,
         BLOCK=BLOCK, IS_ONLINE_BF16=online_list[0].dtype == torch.bfloat16,
         HAS_OUT=bf16_out_list is not None, IS_ALIGNED=plan.is_aligned, IS_INTERPRETER=interpreting(),
         num_warps=NUM_WARPS)
@@ -221,40 +239,39 @@ def _apex_axpby():
 def ema_apex_(momentum: list[torch.Tensor], online: list[torch.Tensor], m, bf16_out=None) -> None:
     """apex amp_C.multi_tensor_axpby: momentum = (1 - m) * online + m * momentum.
 
-    WARNING: host sync. axpby takes its coefficients as host floats, so a
-    tensor `m` is read with float(m); the bf16 copy is a second pass.
+    WARNING: host sync. axpby takes its coefficients as host floats, so the pair is read with
+    .tolist(); the bf16 copy is a second pass. (The ops switch's mode "apex": a bench's alternative.)
     """
     axpby = _apex_axpby()
     if axpby is None:
-        raise RuntimeError("apex amp_C is not installed")
-    mf = float(m)  # host sync (see docstring)
+        raise RuntimeError("the EMA's apex path (FASTMOCO_FUSED_EMA=apex) needs apex's amp_C, which is not installed")
+    mf, cf = _as_coef(m, momentum[0].device).tolist()  # host sync (see docstring)
     noop = torch.zeros(1, dtype=torch.int32, device=momentum[0].device)
-    axpby(_APEX_CHUNK, noop, [list(online), list(momentum), list(momentum)], 1.0 - mf, mf, -1)
+    axpby(_APEX_CHUNK, noop, [list(online), list(momentum), list(momentum)], cf, mf, -1)
     if bf16_out is not None:
         torch._foreach_copy_(bf16_out, momentum)
 
 
-def use_apex(t: torch.Tensor) -> bool:
-    """Whether the switch's kernel path takes apex instead: FASTMOCO_EMA_APEX=1, CUDA, apex installed."""
-    return USE_APEX and t.is_cuda and _apex_axpby() is not None
-
-
 def ema_ref_(momentum: list[torch.Tensor], online: list[torch.Tensor], m) -> None:
-    """Per-parameter loop, as the official MoCo v3 code does it. `m`: float or 0-dim tensor."""
+    """Per-parameter loop, as the official MoCo v3 and DINO code do it: w * m + x * (1 - m), the two
+    coefficients rounded from float64 (see `_as_coef` for what `m` may be)."""
+    if not momentum:
+        return
+    coef = _as_coef(m, momentum[0].device)
     for pk, pq in zip(momentum, online):
-        pk.mul_(m).add_(pq.to(pk.dtype) * (1 - m))
+        pk.mul_(coef[0]).add_(pq.to(pk.dtype) * coef[1])
 
 
 @torch.no_grad()
 def ema_foreach_(momentum: list[torch.Tensor], online: list[torch.Tensor], m, bf16_out=None) -> None:
-    """Multi-tensor EMA in torch ops, then (optionally) bf16_out <- momentum; `m` a float or a 0-dim
-    tensor on the params' device (no host sync)."""
+    """Multi-tensor EMA in torch ops, then (optionally) bf16_out <- momentum; `m` the pair [m, 1 - m]
+    on the params' device (see `_as_coef`; no host sync)."""
     if not momentum:
         return
-    m = _as_m(m, momentum[0].device)
+    coef = _as_coef(m, momentum[0].device)
     if online[0].dtype != momentum[0].dtype:
         online = [p.to(momentum[0].dtype) for p in online]
-    torch._foreach_mul_(momentum, m)
-    torch._foreach_add_(momentum, torch._foreach_mul(online, 1 - m))
+    torch._foreach_mul_(momentum, coef[0])
+    torch._foreach_add_(momentum, torch._foreach_mul(online, coef[1]))
     if bf16_out is not None:
         torch._foreach_copy_(list(bf16_out), list(momentum))

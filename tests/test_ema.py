@@ -10,7 +10,7 @@ import torch
 
 from fastmoco.kernels import ema as ema_mod
 from fastmoco import ops
-from fastmoco.kernels.ema import ema_foreach_, ema_multi_, ema_ref_
+from fastmoco.kernels.ema import ema_coefficients, ema_foreach_, ema_multi_, ema_ref_
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
@@ -100,16 +100,16 @@ def test_multi_on_unaligned_shards():
 
 
 def test_pointer_tables_are_cached(monkeypatch):
-    """Same tensors: no rebuild (no host->device copy); m is read anew every call."""
+    """Same tensors: no rebuild (no host->device copy); [m, 1 - m] is read anew every call."""
     momentum, online = _params(vit_param_shapes(**dict(VIT_B_SCALED, depth=2)), torch.float32, seed=1)
-    m = torch.tensor(0.9, device=DEV)
+    m = ema_coefficients(0.9).to(DEV)
     ema_multi_(momentum, online, m)
     built = []
     real = ema_mod._MultiPlan
     monkeypatch.setattr(ema_mod, "_MultiPlan", lambda *a: built.append(1) or real(*a))
     ref = [t.clone() for t in momentum]
     for value in (0.5, 0.75):
-        m.fill_(value)  # the schedule writes the device tensor; the kernel must see the new value
+        m.copy_(ema_coefficients(value))  # the device tensor changes; the kernel must see the new values
         ema_ref_(ref, online, m)
         ema_multi_(momentum, online, m)
         for a, b in zip(momentum, ref):
@@ -142,19 +142,78 @@ def test_update_dispatch(mode):
     torch.testing.assert_close(flat, flat_ref, atol=1e-6, rtol=1e-6)
 
 
-def test_apex_only_when_asked_on_cuda_and_installed(monkeypatch):
-    """The kernel path's one alternative: apex, only with FASTMOCO_EMA_APEX=1 on CUDA with amp_C."""
-    cpu = torch.zeros(1)
-    monkeypatch.setattr(ema_mod, "_apex_axpby", lambda: object())
-    monkeypatch.setattr(ema_mod, "USE_APEX", True)
-    assert not ema_mod.use_apex(cpu)
+def test_apex_is_a_mode_of_the_ops_switch(monkeypatch):
+    """apex's path is the EMA switch's mode "apex" (FASTMOCO_FUSED_EMA=apex, read with the other ops'
+    modes): on CUDA tensors it runs ema_apex_, on the CPU the reference; the old variable is refused."""
+    ran = []
+    for name in ("ema_multi_", "ema_foreach_", "ema_apex_"):
+        monkeypatch.setattr(ema_mod, name, lambda *a, _n=name: ran.append(_n))
     cuda_like = type("T", (), {"is_cuda": True})()
-    assert ema_mod.use_apex(cuda_like)
-    monkeypatch.setattr(ema_mod, "USE_APEX", False)
-    assert not ema_mod.use_apex(cuda_like)
-    monkeypatch.setattr(ema_mod, "USE_APEX", True)
-    monkeypatch.setattr(ema_mod, "_apex_axpby", lambda: None)
-    assert not ema_mod.use_apex(cuda_like)
+    with ops.fused(ema="apex"):
+        ops.ema_update_([torch.zeros(3)], [torch.zeros(3)], 0.9)
+        ops.ema_update_([cuda_like], [cuda_like], 0.9)
+    assert ran == ["ema_foreach_", "ema_apex_"]
+    with pytest.raises(ValueError, match="not in"):
+        ops.set_fused(attention="apex")
+    monkeypatch.setenv("FASTMOCO_FUSED_EMA", "apex")
+    assert ops._modes_from_env()["ema"] == "apex"
+    monkeypatch.setenv("FASTMOCO_FUSED_ATTENTION", "apex")
+    with pytest.raises(ValueError, match="FASTMOCO_FUSED_ATTENTION='apex'"):
+        ops._modes_from_env()
+    monkeypatch.delenv("FASTMOCO_FUSED_ATTENTION")
+    monkeypatch.setenv("FASTMOCO_EMA_APEX", "1")
+    with pytest.raises(ValueError, match="FASTMOCO_FUSED_EMA=apex"):
+        ops._modes_from_env()
+
+
+# The official loops multiply by m and by 1 - m, both Python floats (float64) rounded once to fp32;
+# fp32(1 - fp32(m)) is off by up to 1e-4 relative over MoCo v3's ViT-B schedule and 0 where fp32(m) is 1.
+VIT_B_ITERS = dict(epochs=300, steps_per_epoch=312)   # 93,600 iterations (batch 4096)
+
+
+def _coefficients_read_by(fn, coef, n):
+    """[m, 1 - m] as an EMA path applies them: from 0 towards 1 gives 1 - m, from 1 towards 0 gives m."""
+    zeros, ones = torch.zeros(n, device=DEV), torch.ones(n, device=DEV)
+    a, b = [zeros.clone()], [ones.clone()]
+    fn(a, [ones], coef)
+    fn(b, [zeros], coef)
+    return b[0], a[0]
+
+
+@pytest.mark.parametrize("path", ["multi", "foreach", "reference"])
+def test_coefficients_are_m_and_one_minus_m_of_the_float64_schedule(path):
+    """Through the methods' step functions (MoCo v3: forward's `m`; DINO: the teacher update after the
+    step), every path applies fp32(m_t) and fp32(1 - m_t) of the float64 schedule, also at the end of
+    ViT-B's schedule, where fp32(m_t) is 1 and 1 - m_t is ~1e-11 (DINO ViT-S/16's: its last 217 of
+    125,100 iterations)."""
+    from fastmoco.methods import DINOMethod, MoCoV3, Schedules
+    from fastmoco.dino import cosine_schedule
+    from fastmoco.schedules import build_schedules
+
+    fn = {"multi": ema_multi_, "foreach": ema_foreach_, "reference": lambda a, b, c: ema_ref_(a, b, c)}[path]
+    moco = build_schedules(base_lr=1.5e-4, global_batch=4096, warmup_epochs=40, m0=0.99, **VIT_B_ITERS)
+    assert (moco.momentum[-102:].float() == 1).all() and (moco.momentum[-103].float() < 1)   # the issue's count
+    coef_of = MoCoV3().step_kwargs(Schedules(lr=moco.lr, momentum=moco.momentum), DEV)
+    steps = [0, 1, 5000, 46800, 93000] + list(range(93600 - 110, 93600))
+    got = torch.stack([torch.stack(_coefficients_read_by(fn, coef_of(t)["m"], 5)) for t in steps])   # (S, 2, 5)
+    m64 = moco.momentum[steps]
+    assert (got[:, 0] == m64.float()[:, None].to(DEV)).all()
+    assert (got[:, 1] == (1 - m64).float()[:, None].to(DEV)).all()
+    assert (got[:, 1] > 0).all()                                   # the EMA never stops
+    dino_m = cosine_schedule(0.996, 1.0, 100, 1251)   # DINO ViT-S/16: 100 epochs at batch 1024
+    assert (dino_m[-217:].float() == 1).all() and dino_m[-218].float() < 1
+    updated = []
+
+    class Teacher:  # what DINOMethod.after_step calls
+        def update_teacher(self, coef):
+            updated.append(torch.stack(_coefficients_read_by(fn, coef, 3)))
+
+    after = DINOMethod().after_step(Schedules(lr=dino_m, momentum=dino_m), DEV)
+    steps = [0, 125000, 125099]
+    for t in steps:
+        after(Teacher(), t)
+    want = torch.stack([dino_m[steps], 1 - dino_m[steps]], 1).float().to(DEV)
+    assert torch.equal(torch.stack(updated)[..., 0], want)
 
 
 def test_rejects_bf16_state():
@@ -180,14 +239,14 @@ def test_gpu_cuda_graph_capture():
     """No host sync: the update (and its bf16 copy) replays from a CUDA graph with m changed on the device."""
     momentum, online = _params(vit_param_shapes(**VIT_B), torch.bfloat16, seed=4)
     outs = [torch.empty_like(t, dtype=torch.bfloat16) for t in momentum]
-    m = torch.tensor(0.99, device=DEV)
+    m = ema_coefficients(0.99).to(DEV)
     ops.ema_update_(momentum, online, m, outs)  # builds and caches the pointer table, compiles
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ops.ema_update_(momentum, online, m, outs)
     ref = [t.clone() for t in momentum]
-    m.fill_(0.9995)
+    m.copy_(ema_coefficients(0.9995))
     graph.replay()
     ema_ref_(ref, online, m)
     for a, b, o in zip(momentum, ref, outs):
@@ -215,7 +274,8 @@ def test_kernel_compiles_for_hopper():
     from kernel_checks import assert_fits_hopper, compile_for_hopper
 
     spec = {"module": "fastmoco.kernels.ema", "kernel": "_ema_multi_kernel",
-            "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "m_ptr": "*fp32", "T": "i32", "B": "i32"},
+            "args": {"ptr_tab": "*i64", "numel_tab": "*i64", "blk_tab": "*i64", "coef_ptr": "*fp32", "T": "i32",
+                     "B": "i32"},
             "constexprs": {"BLOCK": ema_mod.BLOCK, "IS_ONLINE_BF16": True, "HAS_OUT": True, "IS_ALIGNED": True,
                            "IS_INTERPRETER": False},
             "divisible_by_16": [], "num_warps": ema_mod.NUM_WARPS, "num_stages": 1}

@@ -2,7 +2,7 @@
 of moco-v3's CONFIG.md and dino's README.md as the official argparse parsers read them, the official
 augmentation objects, model sizes and defaults; made by tests/golden/gen_recipes.py).
 
-What differs on purpose is not among the values checked (bf16 for fp16, ZeRO stages, DINO's clipping rule)
+What differs on purpose is not among the values checked (bf16 for fp16, ZeRO stages)
 and is said in each config's _comment."""
 import json
 import math
@@ -150,7 +150,9 @@ def test_dino_config_follows_its_recipe(name):
              ("schedule.epochs", cfg.schedule.epochs, a["epochs"]),
              ("schedule.warmup_epochs", cfg.schedule.warmup_epochs, a["warmup_epochs"]),
              ("deepspeed.train_batch_size", cfg.deepspeed.get("train_batch_size"), recipe["global_batch"]),
-             ("gradient clipping norm", cfg.deepspeed.get("gradient_clipping", 0.0), a["clip_grad"]),
+             ("dino.clip_grad (each parameter on its own)", d.clip_grad, a["clip_grad"]),
+             ("deepspeed.gradient_clipping (global norm: none in main_dino)",
+              cfg.deepspeed.get("gradient_clipping", 0.0), 0.0),
              ("data.crop_min", [cfg.data.crop_min, 1.0], a["global_crops_scale"]),
              ("data.local_crops", cfg.data.local_crops, a["local_crops_number"]),
              ("data.local_scale", cfg.data.local_scale, a["local_crops_scale"])]

@@ -13,7 +13,8 @@ Two recipes (`recipe=`):
   path (stochastic depth, linearly increasing over the blocks up to
   `drop_path`), any head count / patch size (`num_heads`, `patch_size`).
 Both run at any resolution that the patch size divides: the sin-cos table is
-recomputed for the grid, a learned one resampled bicubically (DINO's multi-crop:
+recomputed for the grid, a learned one resampled bicubically as DINO's
+interpolate_pos_encoding does (scale factor (grid + 0.1) / own grid; DINO's multi-crop:
 96-px local crops through a model built for 224).
 
 Every block calls attention and LayerNorm through `fastmoco.ops`, which
@@ -223,6 +224,11 @@ class Block(nn.Module):
         return x, drop_path(self.mlp(h), self.drop_path, self.training)
 
 
+# DINO adds 0.1 to the target grid before forming the interpolation's scale factor ("to avoid floating
+# point error", facebookresearch/dino issue 8): the scale, not only the size, is what it resamples with.
+DINO_SCALE_OFFSET = 0.1
+
+
 def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """MoCo v3's fixed position embedding, (1, 1 + grid_h * grid_w, dim); the class token's is zero.
 
@@ -326,7 +332,15 @@ class VisionTransformer(nn.Module):
             return sincos_pos_embed_2d(grid_h, grid_w, self.embed_dim).to(self.pos_embed)
         gh, gw = self.patch_embed.grid_size
         patches = self.pos_embed[:, 1:].reshape(1, gh, gw, -1).permute(0, 3, 1, 2)        # (1, C, gh, gw)
-        patches = F.interpolate(patches.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        # DINO's interpolate_pos_encoding: a scale factor of (target + 0.1) / source, not a target size.
+        # The output has floor(source * scale) = target rows and columns, but the source coordinate of
+        # output pixel i is (i + 0.5) / scale - 0.5, with this scale (size= would use source / target):
+        # a different table (3.6-28% relative at 96 px from 224).
+        scale = ((grid_h + DINO_SCALE_OFFSET) / gh, (grid_w + DINO_SCALE_OFFSET) / gw)
+        patches = F.interpolate(patches.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+        if patches.shape[-2:] != (grid_h, grid_w):
+            raise RuntimeError(f"position embedding resampled to {tuple(patches.shape[-2:])}, expected "
+                               f"{(grid_h, grid_w)} (grid {gh}x{gw}, scale {scale})")
         patches = patches.to(self.pos_embed.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([self.pos_embed[:, :1], patches], dim=1)
 
