@@ -1,6 +1,7 @@
 """Golden attention maps from the official DINO code: its ViT's `get_last_selfattention`.
 
     python tests/golden/gen_attention.py /path/to/facebookresearch/dino      # (checked at 7c446df5)
+    python tests/golden/make_golden.py ... --only attention                   # the same, with the others
 
 writes tests/golden/attention.safetensors: a DINO ViT with fastmoco's `vit_test` shape (width 72, depth 2,
 3 heads, patch 8, 32 px, DINO's own init under seed 0, weights rounded to fp16 and stored so), a seeded
@@ -21,8 +22,14 @@ SHAPE = dict(img_size=[32], patch_size=8, embed_dim=72, depth=2, num_heads=3, ml
 BATCH = 2
 
 
-def main(dino_repo: str) -> None:
-    sys.path.insert(0, dino_repo)
+def generate(moco_v3: Path, dino: Path, out: Path) -> None:
+    """make_golden.py's entry: the official DINO ViT from `dino`, the file into `out`."""
+    main(str(dino), out / OUT.name)
+
+
+def main(dino_repo: str, out: Path = OUT) -> None:
+    if dino_repo not in sys.path:
+        sys.path.insert(0, dino_repo)
     import vision_transformer as vits  # the official module
 
     torch.manual_seed(0)
@@ -37,8 +44,8 @@ def main(dino_repo: str) -> None:
     tensors.update({"input": x.contiguous(), "attention": attn.float().contiguous()})
     meta = {k: str(v) for k, v in SHAPE.items()}
     meta["source"] = "facebookresearch/dino vision_transformer.py VisionTransformer.get_last_selfattention"
-    save_file(tensors, str(OUT), metadata=meta)
-    print(f"{OUT}: attention {tuple(attn.shape)}, {len(tensors) - 2} weight tensors")
+    save_file(tensors, str(out), metadata=meta)
+    print(f"{out}: attention {tuple(attn.shape)}, {len(tensors) - 2} weight tensors")
 
 
 if __name__ == "__main__":
