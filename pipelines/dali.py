@@ -78,14 +78,13 @@ from __future__ import annotations
 import base64
 import itertools
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
                    TwoCropLoader, augment_params, mix_seed)
-from .folder import BadSamples
+from .folder import BadSamples, FileReader
 
 try:
     import nvidia.dali.fn as fn
@@ -189,36 +188,45 @@ class EncodedFeeder:
     Training batches run on through every later epoch (DALI prefetches a few batches ahead,
     into the next epoch at the end of one). Evaluation walks one epoch and pads its last batch
     by repeating samples (the loader drops the padding). Files are read by a small thread
-    pool: file reads release the GIL.
+    pool (`FileReader`: file reads release the GIL; a read that hangs past data.read_timeout
+    stops the run naming the file).
     """
 
     def __init__(self, files: list[str], labels: np.ndarray, cursor: DataCursor, num_threads: int = 8,
-                 bad: BadSamples | None = None):
+                 bad: BadSamples | None = None, read_timeout: float = 300.0):
         self.files, self.labels = files, labels
         self.bad = bad or BadSamples(files)
         self.batch_size = cursor.plan.batch_size
         self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
-        self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
+        self._reader = FileReader(num_threads, read_timeout)
 
     def __call__(self):
         _, _, idx = next(self._batches)
         if len(idx) < self.batch_size:  # evaluation's last batch: pad
             idx = np.resize(idx, self.batch_size)
-        read = list(self._pool.map(self._read, idx))
+        read = self._read([int(i) for i in idx])
         return [data for _, data in read], [self.labels[i:i + 1] for i, _ in read]
 
-    def _read(self, index: int) -> tuple[int, np.ndarray]:
-        """(index, bytes) of sample `index`, or of its stand-in if it is known bad or unreadable
-        (deleted since the scan)."""
-        while True:
-            index = self.bad.replacement(index)
-            try:
-                return index, np.fromfile(self.files[index], dtype=np.uint8)
-            except OSError as e:
-                self.bad.mark(index, f"unreadable ({e.strerror or e})")
+    def _read(self, indices: list[int]) -> list[tuple[int, np.ndarray]]:
+        """(index, bytes) per sample: the sample's own, or its stand-in's where it is known bad or
+        cannot be read (deleted or replaced since the scan)."""
+        out: list = [None] * len(indices)
+        current, todo = list(indices), list(range(len(indices)))
+        while todo:
+            for k in todo:
+                current[k] = self.bad.replacement(current[k])
+            failed = []
+            for k, data in zip(todo, self._reader.read([self.files[current[k]] for k in todo])):
+                if isinstance(data, OSError):
+                    self.bad.mark(current[k], f"unreadable ({data.strerror or data})")
+                    failed.append(k)
+                else:
+                    out[k] = (current[k], data)
+            todo = failed
+        return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._reader.close()
 
 
 if HAS_DALI:
@@ -319,7 +327,8 @@ class DaliTwoCropLoader(TwoCropLoader):
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
         self._feeder = EncodedFeeder(self.files, self.labels, self.cursor,
-                                     num_threads=min(8, max(1, self.cfg.num_threads)), bad=self.bad)
+                                     num_threads=min(8, max(1, self.cfg.num_threads)), bad=self.bad,
+                                     read_timeout=self.cfg.read_timeout)
         restore = {}
         if self._dali_state is not None:
             restore["checkpoint"] = base64.b64decode(self._dali_state)

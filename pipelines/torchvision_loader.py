@@ -14,7 +14,9 @@ of workers.
 """
 from __future__ import annotations
 
+import io
 import math
+import signal
 
 import torch
 import torch.utils.data
@@ -23,8 +25,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
-                   TwoCropLoader, augment_params, mix_seed)
-from .folder import BadSamples
+                   TwoCropLoader, augment_params, mix_seed, set_parent_death_signal)
+from .folder import BadSamples, FileReader
 
 
 def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
@@ -104,9 +106,10 @@ class TwoCropDataset(torch.utils.data.Dataset):
     so that (persistent) workers need no state."""
 
     def __init__(self, samples: list[tuple[str, int]], aug: dict, seed: int, train: bool = True,
-                 max_bad_fraction: float = 1.0):
+                 max_bad_fraction: float = 1.0, read_timeout: float = 300.0):
         self.samples, self.aug, self.seed, self.train = samples, aug, seed, train
         self.bad = BadSamples([p for p, _ in samples], max_bad_fraction)
+        self.reader = FileReader(1, read_timeout)   # per process: the loader's workers read in parallel
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -129,11 +132,21 @@ class TwoCropDataset(torch.utils.data.Dataset):
         decoded (damaged, deleted since the scan); see folder.BadSamples."""
         while True:
             index = self.bad.replacement(index)
+            data = self.reader.read([self.samples[index][0]])[0]
+            if isinstance(data, OSError):
+                self.bad.mark(index, f"unreadable ({data.strerror or data})")
+                continue
             try:
-                with Image.open(self.samples[index][0]) as f:
+                with Image.open(io.BytesIO(data)) as f:
                     return f.convert("RGB"), index
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self.bad.mark(index, f"does not decode ({type(e).__name__}: {e})")
+
+
+def _worker_init(worker_id: int) -> None:
+    """A worker dies with the process that started it, even one killed by SIGKILL: torch's own check
+    (is the parent still there?) runs only between batches, not in a read that never returns."""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 class _BatchSampler:
@@ -162,13 +175,14 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
         super().__init__(cfg, len(samples), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train)
         workers = cfg.num_threads if num_workers is None else num_workers
-        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
+        self.dataset = TwoCropDataset(samples, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction,
+                                      cfg.read_timeout)
         pin = self.device.type == "cuda"
         # Workers are forked per iteration (cheap next to an epoch): persistent ones
         # were seen to stall interpreter shutdown / garbage collection for 5 s each.
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.cursor), num_workers=workers, pin_memory=pin,
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init)
 
     def _batches(self):
         for *views, labels in self.dataloader:
