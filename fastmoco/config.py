@@ -411,10 +411,11 @@ def _fixed_why(key: str) -> str:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of the leaves of nested dict `d` (an empty section has none)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
     return out
 
 
@@ -436,15 +437,15 @@ def check_allow_change(keys: list[str] | tuple[str, ...], cfg: Config) -> None:
             raise ConfigError(f"--allow-change {key}: {key} cannot change at resume ({_fixed_why(key)})")
 
 
-def resume_changes(saved: dict, now: dict, allow: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+def resume_changes(saved: dict, now: dict, allow: tuple[str, ...] = ()) -> tuple[list[str], list[str], list[str]]:
     """Compare a checkpoint's {"config": ..., "run": ...} (`saved`) with this run's (`now`).
-    Returns (refused, accepted), one "key: saved -> now" line each: refused are FIXED changes
-    (with the reason) and MUST_MATCH changes not covered by `allow` (keys or sections);
-    accepted are the allowed MUST_MATCH and every MAY_CHANGE change. A run-shape value the
-    checkpoint does not record (an older version) is not compared."""
+    Returns (cannot, refused, accepted), one "key: saved -> now" line each: FIXED changes (with
+    the reason), MUST_MATCH changes not covered by `allow` (keys or sections), and the allowed
+    MUST_MATCH and every MAY_CHANGE change. A run-shape value the checkpoint does not record (an
+    older version) is not compared."""
     old = _flatten({"run": saved.get("run", {}), **saved.get("config", {})})
     new = _flatten({"run": now.get("run", {}), **now.get("config", {})})
-    refused, accepted = [], []
+    cannot, refused, accepted = [], [], []
     for key in sorted(set(old) | set(new)):
         if key.startswith("run.") and key not in old:
             continue
@@ -454,12 +455,12 @@ def resume_changes(saved: dict, now: dict, allow: tuple[str, ...] = ()) -> tuple
             continue
         line = f"{key}: {a!r} -> {b!r}"
         if rule == FIXED:
-            refused.append(f"{line} (cannot change: {_fixed_why(key)})")
+            cannot.append(f"{line} (cannot change: {_fixed_why(key)})")
         elif rule == MUST_MATCH and not any(_covers(p, key) for p in allow):
             refused.append(line)
         else:
             accepted.append(line + (" (--allow-change)" if rule == MUST_MATCH else ""))
-    return refused, accepted
+    return cannot, refused, accepted
 
 
 class _ReadKeys(dict):

@@ -205,12 +205,13 @@ class Trainer:
         if path is None:
             self._print(f"--resume auto: no loadable checkpoint in {self.ckpt_dir}; starting from scratch")
             return None
-        refused, accepted = resume_changes(checkpoint.read_meta(path),
-                                           {"config": to_dict(self.cfg), "run": self._run_shape()},
-                                           allow=tuple(allow_change))
-        if refused:
-            raise ConfigError(f"cannot resume from {path}: this run differs in " + "; ".join(refused)
-                              + " (pass --allow-change KEY to accept a change on purpose)")
+        cannot, refused, accepted = resume_changes(checkpoint.read_meta(path),
+                                                   {"config": to_dict(self.cfg), "run": self._run_shape()},
+                                                   allow=tuple(allow_change))
+        if cannot or refused:
+            hint = " (pass --allow-change KEY to accept a change on purpose)" if refused else ""
+            raise ConfigError(f"cannot resume from {path}: this run differs in " + "; ".join(cannot + refused)
+                              + hint)
         if accepted:
             self._print(f"resuming from {path} with changes: " + "; ".join(accepted))
         return path

@@ -19,11 +19,12 @@ import warnings
 import torch
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
-from .folder import BadImageWarning, DatasetError, check_image_file, dataset_fingerprint, scan_image_folder
+from .folder import (CHECK_CACHE, BadImageWarning, DatasetError, check_image_file, dataset_fingerprint,
+                     scan_image_folder)
 from .synthetic import SyntheticTwoCropLoader
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
+    "CHECK_CACHE", "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
     "TwoCropLoader", "augment_params", "build_loader", "check_image_file", "dataset_fingerprint", "mix_seed",
     "scan_image_folder",
 ]

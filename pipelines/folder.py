@@ -176,7 +176,9 @@ class FileReader:
             self._tasks.put((path, futures[-1]))
         _, pending = concurrent.futures.wait(futures, timeout=self.timeout)
         if pending:
-            late = [path for path, f in zip(paths, futures) if f in pending]
+            # the files being read when time ran out (the rest wait in the queue behind them)
+            late = [path for path, f in zip(paths, futures) if f.running()] or \
+                [path for path, f in zip(paths, futures) if f in pending]
             for f in pending:
                 f.cancel()
             more = f" (and {len(late) - 1} more files)" if len(late) > 1 else ""
