@@ -11,6 +11,8 @@ decoder never meets a bad file mid-epoch:
   tolerated), a PNG with its IEND chunk, else "truncated", skipped;
 - JPEG frame: the SOF header must give a non-zero size and 1, 3 or 4
   components (4 = CMYK/YCCK, which the decoders convert to RGB), else skipped;
+- size: a JPEG or PNG of more than MAX_PIXELS pixels is skipped (DALI's
+  decoder would say only "Image too large", PIL calls it a decompression bomb);
   it is found by walking the marker segments in the file (4 bytes read per
   segment), so an ICC profile or EXIF block of any size before it is fine;
 - only regular files: a FIFO, socket or device is named and skipped (opening
@@ -62,7 +64,10 @@ _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"
 _TAIL_BYTES = 64                 # how far back from the end EOI/IEND may sit (zero padding)
-_SIGNATURE_BYTES = 8
+_HEAD_BYTES = 24                 # a PNG's signature and IHDR width and height
+# PIL refuses larger images as decompression bombs (2 x Image.MAX_IMAGE_PIXELS); nvimgcodec's libjpeg-turbo
+# prints "[ERROR] ... Image too large" naming no file, then another decoder allocates the whole image.
+MAX_PIXELS = 178_956_970
 # JPEG start-of-frame markers (baseline, progressive, lossless, ...): C0-CF except DHT/JPG/DAC.
 _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -208,7 +213,7 @@ def check_image_file(path: str | os.PathLike) -> str | None:
     try:
         with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(_SIGNATURE_BYTES)
+            head = f.read(_HEAD_BYTES)
             f.seek(max(0, size - _TAIL_BYTES))
             tail = f.read(_TAIL_BYTES)
             frame = _jpeg_frame(f) if head.startswith(_JPEG_SOI) else None
@@ -222,12 +227,18 @@ def check_image_file(path: str | os.PathLike) -> str | None:
         h, w, comps = frame
         if h == 0 or w == 0 or comps not in (1, 3, 4):
             return f"unsupported JPEG frame ({h}x{w}, {comps} components)"
-        return None
+        return _too_large(w, h)
     if head.startswith(_PNG_SIGNATURE):
         if not tail.rstrip(b"\x00").endswith(_PNG_IEND):
             return "truncated PNG (no IEND chunk)"
-        return None
+        return _too_large(int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
     return "not a JPEG or PNG file (unrecognised header)"
+
+
+def _too_large(width: int, height: int) -> str | None:
+    if width * height > MAX_PIXELS:
+        return f"image too large ({width}x{height} pixels, more than {MAX_PIXELS})"
+    return None
 
 
 def _verify_decode(path: str) -> str | None:

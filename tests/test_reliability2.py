@@ -411,6 +411,30 @@ def test_9_the_default_config_names_and_skips_a_jpeg_damaged_inside_under_dali(t
     assert loader.num_samples == 5
 
 
+def test_9_an_image_too_large_for_the_decoders_is_named_by_the_scan(tmp_path):
+    """DALI's libjpeg-turbo says "[ERROR] ... Image too large: 1200000000" naming no file (then another
+    decoder allocates 1.2 GB for it): the header's size is checked first, without decoding."""
+    from PIL import Image
+
+    from fastmoco.pipelines import scan_image_folder
+    _jpeg_folder(tmp_path, 2, seed=11)
+    big = bytearray((tmp_path / "a" / "1.jpg").read_bytes())
+    sof = big.find(b"\xff\xc0")
+    big[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2          # height, width
+    (tmp_path / "a" / "1.jpg").write_bytes(bytes(big))
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "2.png")
+    png = bytearray((tmp_path / "a" / "2.png").read_bytes())
+    png[16:24] = (30000).to_bytes(4, "big") * 2                      # IHDR width, height
+    (tmp_path / "a" / "2.png").write_bytes(bytes(png))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = scan_image_folder(tmp_path, max_bad_fraction=1.0)
+    assert [Path(p).name for p, _ in samples] == ["0.jpg"]
+    text = "\n".join(str(w.message) for w in caught)
+    assert f"skipping {tmp_path / 'a' / '1.jpg'}: image too large (20000x20000 pixels, more than 178956970)" in text
+    assert f"skipping {tmp_path / 'a' / '2.png'}: image too large (30000x30000 pixels" in text
+
+
 def _counting_decodes(monkeypatch):
     from fastmoco.pipelines import folder
     calls = []
