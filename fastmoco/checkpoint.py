@@ -312,7 +312,8 @@ class RunLock:
     ends (SIGKILL included), and unlike flock() it is not inherited by forked children, so a loader
     worker that outlives its run cannot keep the directory locked. The file holds who has it (host,
     PID, since when) for the message another run gets; it stays when the run ends (deleting a
-    lock file races with the next run taking it)."""
+    lock file races with the next run taking it). The holding process must never open the file
+    again: closing any descriptor of it would drop a POSIX lock."""
 
     _held: dict[str, RunLock] = {}   # POSIX locks are per process: one RunLock per file in a process
 

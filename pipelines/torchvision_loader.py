@@ -145,7 +145,9 @@ class TwoCropDataset(torch.utils.data.Dataset):
 
 def _worker_init(worker_id: int) -> None:
     """A worker dies with the process that started it, even one killed by SIGKILL: torch's own check
-    (is the parent still there?) runs only between batches, not in a read that never returns."""
+    (is the parent still there?) runs only between batches, not in a read that never returns.
+    (Linux sends the signal when the thread that forked the worker ends: iterate the loader in the
+    thread that lives as long as the iteration, as the Trainer does in the main thread.)"""
     set_parent_death_signal(signal.SIGKILL)
 
 

@@ -145,8 +145,7 @@ def test_7_a_clean_run_leaves_no_staging_or_trash_folder(run4):
 # -- 3: resume after editing the config ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("change, expect", [
-    (["--optim.base_lr", "3e-4"], "optim.base_lr: 0.00015 -> 0.0003"),
-    (["--optim.weight_decay", "0.05"], "optim.weight_decay: 0.1 -> 0.05"),
+    (["--optim.base_lr", "3e-4"], "optim.base_lr: 0.00015 -> 0.0003"),   # (the others: test_config.py)
     (["--data.crop_min", "0.2"], "data.crop_min: 0.08 -> 0.2"),
 ])
 def test_3_resume_refuses_a_changed_recipe_key_unless_allowed_and_then_prints_it(run4, tmp_path, change, expect):
@@ -169,7 +168,6 @@ def test_3_resume_refuses_a_changed_recipe_key_unless_allowed_and_then_prints_it
     (["--optim.base_lr", "3e-4", "--allow-change", "optim.base_lrr"], "--allow-change optim.base_lrr: no such config"),
     (["--optim.name", "lars"], "optim.name: 'adamw' -> 'lars' (cannot change: the checkpoint's optimizer state"),
     (["--deepspeed.zero_optimization.stage", "2"], "run.zero_stage: 0 -> 2 (cannot change: DeepSpeed's files"),
-    (["--model.patch_size", "8"], "model.patch_size: 0 -> 8 (cannot change: the checkpoint's weights"),
 ])
 def test_3_a_change_that_cannot_load_or_an_unknown_key_is_refused_before_loading(run4, tmp_path, args, expect):
     out = copy_run(run4, tmp_path / "run")
