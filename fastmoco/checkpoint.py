@@ -9,7 +9,8 @@ Layout under `<out_dir>/checkpoints/`:
                               (every file of the checkpoint with its size)
     latest                    name of the newest complete checkpoint
     .staging/                 where a checkpoint is written before it is complete
-    .trash/                   where an older copy of a re-saved step waits to be deleted
+    .trash/                   where a pruned checkpoint, or the older copy of a re-saved step, is
+                              deleted (both folders are removed once empty)
 
 Every rank writes into `.staging/<tag>`; after a barrier rank 0 writes COMPLETE
 and renames the directory into place (atomic on one filesystem), then
@@ -26,16 +27,25 @@ and raises `CheckpointError` naming the path.
 Every file is read by `load_file`: torch.load(weights_only=True), DeepSpeed's
 files with an allowlist of the three record types DeepSpeed writes; `load` routes
 DeepSpeed's own reads through it, so neither resume nor evaluation unpickles code.
+
+The run directory (`logging.out_dir`): `claim_out_dir` makes it one run's. Rank 0
+holds `RunLock` (`.fastmoco.lock`) for the life of the process, so a second run
+there (also with --overwrite) is refused naming the holder; under the lock it
+refuses a previous run's files unless resuming or overwriting, and removes the
+debris of saves that a kill interrupted (`clean_debris`), saying what it removed.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -48,11 +58,8 @@ TRASH = ".trash"
 MARKER = "COMPLETE"
 # What a run writes into logging.out_dir; a fresh run refuses a directory holding any of them.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "config.json", "eval", "report.html")
-# Config keys that change what a run means: a resume with other values is refused (see config_changes).
-RESUME_MUST_MATCH = ("method", "model", "moco", "dino", "data.source", "data.image_size", "data.synthetic_size", "data.seed",
-                     "seed", "schedule.epochs", "schedule.warmup_epochs")
-# Not config keys, but as binding: meta["run"] of the checkpoint vs the current run.
-RUN_SHAPE = ("global_batch", "steps_per_epoch", "world_size", "zero_stage")
+# Held (fcntl.lockf) by the run writing into logging.out_dir, for its whole life; holds who that is.
+LOCK = ".fastmoco.lock"
 
 
 class CheckpointError(RuntimeError):
@@ -137,6 +144,23 @@ def _manifest(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _discard(path: Path, trash: Path) -> None:
+    """Delete directory `path` by renaming it into `trash` first: a kill while deleting leaves
+    debris in `trash` (removed at the next start, `clean_debris`), never a half-deleted `step_*`."""
+    trash.mkdir(exist_ok=True)
+    aside = trash / path.name
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    shutil.rmtree(aside)
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()
+    except OSError:   # not empty (another save's files) or already gone
+        pass
+
+
 def _replace_dir(new: Path, final: Path, trash: Path) -> None:
     """Put `new` at `final`; an existing `final` is moved aside first and deleted last."""
     if final.exists():
@@ -178,13 +202,16 @@ def save(engine, ckpt_dir: str | Path, *, step: int, meta: dict, per_rank: dict,
             _replace_dir(staging / tag, final, ckpt_dir / TRASH)
             _write_atomic(ckpt_dir / "latest", tag)
             for old in complete_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old, ckpt_dir / TRASH)
         except OSError as e:
             code, error = _failure_code(e), e
+        for scratch in (staging, ckpt_dir / TRASH):   # a clean run leaves neither behind
+            _remove_if_empty(scratch)
     code = _max_over_ranks(code)
     if code:
         if rank == 0:
             shutil.rmtree(staging / tag, ignore_errors=True)  # a partial checkpoint must not keep the disk full
+            _remove_if_empty(staging)
         _barrier()
         if code == _DISK_FULL:
             raise CheckpointError(f"no space left on device while saving {final}; the previous checkpoint "
@@ -242,27 +269,6 @@ def find_latest(ckpt_dir: str | Path, warn: bool = True) -> Path | None:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             warnings.warn(f"skipping damaged checkpoint {path}: {bad[0]}{more}", RuntimeWarning, stacklevel=2)
     return None
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def config_changes(meta: dict, config: dict, run: dict, allow: tuple[str, ...] = ()) -> list[str]:
-    """What differs between the checkpoint's run (`meta`) and this one in a way that changes the
-    run's meaning: `RESUME_MUST_MATCH` config keys and the `RUN_SHAPE` values, unless in `allow`
-    (dotted keys, or run.<name>). One "key: saved -> now" line each."""
-    saved, now = _flatten(meta.get("config", {})), _flatten(config)
-    pairs = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-             if any(k == m or k.startswith(m + ".") for m in RESUME_MUST_MATCH)}
-    old_run = meta.get("run", {})
-    pairs.update({f"run.{k}": (old_run.get(k), run.get(k)) for k in RUN_SHAPE if k in old_run})
-    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in pairs.items()
-            if a != b and not any(k == p or k.startswith(p + ".") for p in allow)]
 
 
 def _deepspeed_types() -> list:
@@ -348,34 +354,145 @@ def load(engine, path: str | Path) -> tuple[dict, dict]:
 
 
 # -- the run directory ---------------------------------------------------------------------------------
-def prepare_out_dir(out_dir: str | Path, *, resume: str, overwrite: bool, remove: bool) -> list[str]:
-    """Check `out_dir` before anything slow: a directory this process can write into, and not
-    holding a previous run unless `resume` (continue it) or `overwrite` (delete that run's
-    RUN_FILES; done only where `remove`, i.e. on one rank). Returns what was removed."""
+def check_out_dir(out_dir: str | Path) -> None:
+    """Every process, before anything slow: `out_dir` is (or can be made) a directory it can write into."""
     out = Path(out_dir)
-    if resume and overwrite:
-        raise CheckpointError("--resume and --overwrite exclude each other")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"logging.out_dir {out} exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
+        probe = out / f".write_test_{socket.gethostname()}_{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"logging.out_dir {out} is not writable ({e.strerror or e})") from None
-    used = [name for name in RUN_FILES if (out / name).exists()]
-    if used == ["checkpoints"] and not any((out / "checkpoints").iterdir()):
-        used = []
-    if not used or resume:
+
+
+class RunLock:
+    """An exclusive lock on `<out_dir>/.fastmoco.lock` for the life of this process.
+
+    A POSIX record lock (fcntl.lockf): the kernel releases it when the process ends, however it
+    ends (SIGKILL included), and unlike flock() it is not inherited by forked children, so a loader
+    worker that outlives its run cannot keep the directory locked. The file holds who has it (host,
+    PID, since when) for the message another run gets; it stays when the run ends (deleting a
+    lock file races with the next run taking it). The holding process must never open the file
+    again: closing any descriptor of it would drop a POSIX lock."""
+
+    _held: dict[str, RunLock] = {}   # POSIX locks are per process: one RunLock per file in a process
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / LOCK
+        key = os.path.realpath(self.path)
+        if key in RunLock._held:
+            raise CheckpointError(f"logging.out_dir {out_dir} is already in use by this process")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise CheckpointError(f"cannot lock {self.path} ({e.strerror or e})") from None
+            raise CheckpointError(f"logging.out_dir {out_dir} is in use by another training run "
+                                  f"({self._holder()}): wait for it to end or stop it, or choose another "
+                                  "logging.out_dir") from None
+        since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self.fd, self._key = fd, key
+        RunLock._held[key] = self
+
+    def _holder(self) -> str:
+        """Who holds the lock, from the file (the holder writes it just after locking: retry briefly)."""
+        for _ in range(20):
+            try:
+                info = json.loads(self.path.read_text())
+                return f"host {info['host']}, PID {info['pid']}, since {info['since']}"
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.05)
+        return f"the holder is not recorded in {self.path}"
+
+    def release(self) -> None:
+        if RunLock._held.pop(self._key, None) is not None:
+            os.close(self.fd)   # closing the file drops the lock
+
+
+def _size_text(path: Path) -> str:
+    total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return f"{total / 2 ** 20:.1f} MiB"
+
+
+def clean_debris(ckpt_dir: str | Path) -> list[str]:
+    """Remove what interrupted saves left in `ckpt_dir` (only under the run lock: no save is under way):
+    partial checkpoints in .staging, old copies in .trash, `step_*` folders without COMPLETE (a
+    deletion killed midway, by a version that deleted in place) and *.tmp files. Returns one line each."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
         return []
-    if not overwrite:
-        raise CheckpointError(
-            f"logging.out_dir {out} holds a previous run ({', '.join(used)}): pass --resume auto to continue "
-            "it, --overwrite to delete its checkpoints and metrics and start again, or choose another "
-            "logging.out_dir")
-    if remove:
-        for name in used:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return [str(out / name) for name in used]
+    found = [p for scratch in (STAGING, TRASH) if (ckpt_dir / scratch).is_dir()
+             for p in sorted((ckpt_dir / scratch).iterdir())]
+    found += [p for p in sorted(ckpt_dir.glob("step_*")) if p.is_dir() and not (p / MARKER).is_file()]
+    found += sorted(ckpt_dir.glob("*.tmp"))
+    removed = []
+    for p in found:
+        why = "no COMPLETE file" if p.name.startswith("step_") and p.parent == ckpt_dir else "interrupted save"
+        removed.append(f"{p} ({_size_text(p) if p.is_dir() else f'{p.stat().st_size} bytes'}, {why})")
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    for scratch in (STAGING, TRASH):
+        _remove_if_empty(ckpt_dir / scratch)
+    return removed
+
+
+def _take_out_dir(out: Path, resume: str, overwrite: bool) -> tuple[RunLock, list[str]]:
+    """Rank 0's part of `claim_out_dir`: lock, then the previous-run check, --overwrite and debris."""
+    lock = RunLock(out)
+    try:
+        used = [name for name in RUN_FILES if (out / name).exists()]
+        if used == ["checkpoints"] and not any((out / "checkpoints").iterdir()):
+            used = []
+        notes = []
+        if used and not resume:
+            if not overwrite:
+                raise CheckpointError(
+                    f"logging.out_dir {out} holds a previous run ({', '.join(used)}): pass --resume auto to "
+                    "continue it, --overwrite to delete its checkpoints and metrics and start again, or choose "
+                    "another logging.out_dir")
+            for name in used:
+                p = out / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            notes.append(f"--overwrite: removed the previous run's {', '.join(str(out / n) for n in used)}")
+        debris = clean_debris(out / "checkpoints")
+        if debris:
+            notes.append("removed the debris of interrupted saves: " + "; ".join(debris))
+        return lock, notes
+    except BaseException:
+        lock.release()
+        raise
+
+
+def claim_out_dir(out_dir: str | Path, *, resume: str, overwrite: bool) -> tuple[RunLock | None, list[str]]:
+    """Make `out_dir` this run's (collective when torch.distributed is initialized): rank 0 takes the
+    run lock (another run writing there is refused, naming it), refuses a previous run there unless
+    `resume` or `overwrite` (which deletes that run's RUN_FILES), and removes debris of interrupted
+    saves. Every rank gets rank 0's outcome, so all fail together. Returns rank 0's lock (None
+    elsewhere) and what it removed, one line each."""
+    out = Path(out_dir)
+    if resume and overwrite:
+        raise CheckpointError("--resume and --overwrite exclude each other")
+    lock, notes, error = None, [], None
+    if _rank() == 0:
+        try:
+            lock, notes = _take_out_dir(out, resume, overwrite)
+        except CheckpointError as e:
+            error = str(e)
+        except OSError as e:
+            error = f"could not prepare logging.out_dir {out} ({type(e).__name__}: {e})"
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)   # collective: every rank learns rank 0's outcome
+        error = shared[0]
+    if error is not None:
+        if lock is not None:
+            lock.release()
+        raise CheckpointError(error)
+    return lock, notes

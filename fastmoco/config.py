@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +96,11 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 1024       # shards: samples in each rank's shuffle buffer (after the shard order)
     max_bad_fraction: float = 0.01   # refuse the run when more of the files than this are unusable
-    verify_images: bool = False      # decode every file once with PIL before training: names and skips
-                                     # JPEGs damaged inside, which DALI's decoder would train on
+    verify_images: bool = True       # decode every file once with PIL (results cached per dataset,
+                                     # pipelines/folder.py): names and skips JPEGs damaged inside,
+                                     # which DALI's decoder would train on
+    read_timeout: float = 300.0      # seconds a file read may block (a hung filesystem) before the run
+                                     # stops naming the file
 
 
 @dataclass
@@ -183,7 +187,8 @@ _TYPE_RULES = {
     bool: (lambda v: isinstance(v, bool), lambda v: v, "true/false"),
     int: (lambda v: not isinstance(v, bool) and (isinstance(v, int) or isinstance(v, float) and v.is_integer()),
           int, "an integer"),
-    float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)), float, "a number"),
+    float: (lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v), float,
+            "a finite number"),
     str: (lambda v: isinstance(v, str), lambda v: v, "a string"),
 }
 
@@ -309,6 +314,7 @@ def validate(cfg: Config) -> None:
              ">= 1 (DALI threads; 0 only with data.backend torchvision: load in the main process)")
     _require(d.synthetic_size >= 1, "data.synthetic_size", d.synthetic_size, ">= 1")
     _require(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", d.max_bad_fraction, "in [0, 1]")
+    _require(d.read_timeout > 0, "data.read_timeout", d.read_timeout, "> 0 (seconds)")
     _require(o.base_lr > 0, "optim.base_lr", o.base_lr, "> 0")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, ">= 0")
     _require(len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
@@ -326,6 +332,141 @@ def validate(cfg: Config) -> None:
     _require(ck.every_steps >= 0, "checkpoint.every_steps", ck.every_steps, ">= 0 (0: only at epoch ends)")
     _require(ck.every_epochs >= 0, "checkpoint.every_epochs", ck.every_epochs, ">= 0 (0: never at epoch ends)")
     _require(ck.keep >= 1, "checkpoint.keep", ck.keep, ">= 1")
+
+
+# -- what a resume may change -------------------------------------------------------------------------
+# Every key of the config (and the run's shape, `run.*`, which the Trainer derives: global batch, steps
+# per epoch, processes, ZeRO stage, precision, the dataset's file list) is in one of four classes.
+# tests/test_config.py walks every dataclass field, so a new key cannot stay unclassified.
+FIXED = "fixed"            # the checkpoint's state cannot load with another value: refused, even when allowed
+MUST_MATCH = "must match"  # changes what the run means: refused unless --allow-change KEY (then printed)
+MAY_CHANGE = "may change"  # accepted, and printed as a change at resume
+FREE = "free"              # where or how the run goes, not what it computes: not compared
+
+_WEIGHTS = "the checkpoint's weights have other shapes or names; start a new run from them with --model.init_from"
+_OPTIMIZER = "the checkpoint's optimizer state belongs to another optimizer or parameter set; start a new run " \
+             "from its weights with --model.init_from"
+# Why each FIXED key cannot change (by key, else by section).
+FIXED_WHY = {
+    "model": _WEIGHTS, "moco": _WEIGHTS, "dino": _WEIGHTS, "data.image_size": _WEIGHTS, "method": _WEIGHTS,
+    "model.frozen_patch_embed": _OPTIMIZER, "dino.norm_last_layer": _OPTIMIZER, "optim.name": _OPTIMIZER,
+    "run.zero_stage": "DeepSpeed's files of one ZeRO stage do not load at another",
+    "run.world_size": "every process saved its own state (ZeRO partitions, data position, RNG)",
+    "run.bf16": "DeepSpeed keeps the optimizer state of bf16 and fp32 training in different files",
+}
+
+RESUME_RULES: dict[str, str] = {
+    "method": FIXED, "seed": MUST_MATCH,
+    **{f"model.{k}": FIXED for k in ("arch", "img_size", "frozen_patch_embed", "patch_size", "mlp_norm")},
+    "model.num_heads": MUST_MATCH, "model.drop_path": MUST_MATCH,
+    "model.init_from": FREE,              # weights at a fresh start; a resume loads the checkpoint's
+    "model.grad_checkpointing": MAY_CHANGE,   # the same math, less memory
+    **{f"moco.{k}": FIXED for k in ("dim", "mlp_dim")},
+    **{f"moco.{k}": MUST_MATCH for k in ("tau", "momentum", "momentum_cosine")},
+    **{f"dino.{k}": FIXED for k in ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")},
+    **{f"dino.{k}": MUST_MATCH for k in ("student_temp", "teacher_temp", "warmup_teacher_temp",
+                                         "warmup_teacher_temp_epochs", "center_momentum", "momentum_teacher",
+                                         "freeze_last_layer", "weight_decay_end", "min_lr", "global_crops",
+                                         "clip_grad")},
+    "data.image_size": FIXED,
+    # The files themselves are compared as run.dataset: a moved copy of the same dataset may resume.
+    "data.source": MUST_MATCH, "data.path": MAY_CHANGE, "data.file_list": MAY_CHANGE,
+    "data.backend": MAY_CHANGE,           # another implementation of the same augmentations
+    **{f"data.{k}": MUST_MATCH for k in ("crop_min", "jitter_prob", "brightness", "contrast", "saturation", "hue",
+                                         "grayscale_prob", "blur_prob", "solarize_prob", "flip_prob",
+                                         "local_crops", "local_size", "local_scale", "local_blur_prob",
+                                         "local_solarize_prob", "interpolation", "synthetic_size", "seed",
+                                         "shuffle_buffer")},   # shards: the order a resumed cursor replays
+    "data.max_bad_fraction": MAY_CHANGE, "data.verify_images": MAY_CHANGE,
+    "data.num_threads": FREE, "data.read_timeout": FREE,
+    "optim.name": FIXED,
+    **{f"optim.{k}": MUST_MATCH for k in ("base_lr", "weight_decay", "betas", "eps", "momentum",
+                                          "trust_coefficient")},
+    "schedule.epochs": MUST_MATCH, "schedule.warmup_epochs": MUST_MATCH,
+    "schedule.max_steps": FREE,           # where this invocation stops; the schedules span schedule.epochs
+    **{f"logging.{k}": FREE for k in ("out_dir", "log_every", "check_finite_every", "tensorboard", "progress")},
+    **{f"checkpoint.{k}": FREE for k in ("every_steps", "every_epochs", "keep")},
+    **{f"eval.{k}": FREE for k in ("train_path", "val_path", "train_list", "val_list", "every_epochs", "at_start",
+                                   "encoder", "k", "temperature", "batch_size", "backend")},
+    # The free-form deepspeed section: by the longest listed prefix (every key has "deepspeed").
+    "deepspeed": MAY_CHANGE,              # communication and memory settings
+    "deepspeed.gradient_clipping": MUST_MATCH,
+    **{f"deepspeed.{k}": FREE for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                        "gradient_accumulation_steps", "bf16", "zero_optimization.stage")},
+    # The run's shape as resolved (batch sizes, bf16 "auto", the stage), and the dataset's files.
+    "run.global_batch": MUST_MATCH, "run.steps_per_epoch": MUST_MATCH, "run.dataset": MUST_MATCH,
+    "run.world_size": FIXED, "run.zero_stage": FIXED, "run.bf16": FIXED,
+}
+
+
+def resume_rule(key: str) -> str:
+    """The class of dotted `key`; deepspeed keys by their longest listed prefix. An unlisted key
+    (only possible in the deepspeed section, or a checkpoint of another version) must match."""
+    if key in RESUME_RULES:
+        return RESUME_RULES[key]
+    if key.startswith("deepspeed."):
+        parts = key.split(".")
+        for n in range(len(parts) - 1, 0, -1):
+            if ".".join(parts[:n]) in RESUME_RULES:
+                return RESUME_RULES[".".join(parts[:n])]
+    return MUST_MATCH
+
+
+def _fixed_why(key: str) -> str:
+    return FIXED_WHY.get(key) or FIXED_WHY[key.split(".")[0]]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of the leaves of nested dict `d` (an empty section has none)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _covers(pattern: str, key: str) -> bool:
+    return key == pattern or key.startswith(pattern + ".")
+
+
+def check_allow_change(keys: list[str] | tuple[str, ...], cfg: Config) -> None:
+    """`--allow-change` keys: each a config key, a section or run.<shape>, and none whose change cannot
+    load (FIXED). Checked at start, before anything slow."""
+    known = set(RESUME_RULES) | set(_flatten(to_dict(cfg)))
+    for key in keys:
+        if not any(_covers(key, k) for k in known):
+            sections = sorted({k.split(".")[0] for k in known})
+            raise ConfigError(f"--allow-change {key}: no such config key (a dotted key such as optim.base_lr, "
+                              f"a section ({', '.join(sections)}), or run.global_batch / run.steps_per_epoch / "
+                              "run.dataset)")
+        if resume_rule(key) == FIXED and key in RESUME_RULES:
+            raise ConfigError(f"--allow-change {key}: {key} cannot change at resume ({_fixed_why(key)})")
+
+
+def resume_changes(saved: dict, now: dict, allow: tuple[str, ...] = ()) -> tuple[list[str], list[str], list[str]]:
+    """Compare a checkpoint's {"config": ..., "run": ...} (`saved`) with this run's (`now`).
+    Returns (cannot, refused, accepted), one "key: saved -> now" line each: FIXED changes (with
+    the reason), MUST_MATCH changes not covered by `allow` (keys or sections), and the allowed
+    MUST_MATCH and every MAY_CHANGE change. A run-shape value the checkpoint does not record (an
+    older version) is not compared."""
+    old = _flatten({"run": saved.get("run", {}), **saved.get("config", {})})
+    new = _flatten({"run": now.get("run", {}), **now.get("config", {})})
+    cannot, refused, accepted = [], [], []
+    for key in sorted(set(old) | set(new)):
+        if key.startswith("run.") and key not in old:
+            continue
+        a, b = old.get(key), new.get(key)
+        rule = resume_rule(key)
+        if a == b or rule == FREE:
+            continue
+        line = f"{key}: {a!r} -> {b!r}"
+        if rule == FIXED:
+            cannot.append(f"{line} (cannot change: {_fixed_why(key)})")
+        elif rule == MUST_MATCH and not any(_covers(p, key) for p in allow):
+            refused.append(line)
+        else:
+            accepted.append(line + (" (--allow-change)" if rule == MUST_MATCH else ""))
+    return cannot, refused, accepted
 
 
 class _ReadKeys(dict):

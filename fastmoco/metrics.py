@@ -7,7 +7,8 @@ progress bar, JSON lines (`metrics.jsonl`) and TensorBoard, all on rank 0.
 The last, partial window is logged by the final `flush`. A run that starts
 at `start_step` (a resume) first drops the records after that step from
 `metrics.jsonl` (rewritten atomically) and from TensorBoard (`purge_step`),
-so a run killed after its last checkpoint leaves no duplicate steps.
+so a run killed after its last checkpoint leaves no duplicate steps. A record
+that cannot be written (a full disk) raises `LogWriteError` naming the file.
 """
 from __future__ import annotations
 
@@ -29,6 +30,26 @@ class NonFiniteLossError(RuntimeError):
         self.step, self.value = step, value
 
 
+class LogWriteError(RuntimeError):
+    """metrics.jsonl, config.json or TensorBoard's events could not be written; the message names the file."""
+
+
+def write_log_file(path: Path, text: str, append: bool = False) -> None:
+    """Append `text` to `path`, or replace `path` with it atomically; an OSError becomes LogWriteError."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if append:
+            with open(path, "a") as f:
+                f.write(text)
+        else:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except OSError as e:
+        if not append:
+            tmp.unlink(missing_ok=True)
+        raise LogWriteError(f"could not write {path} ({e.strerror or e})") from None
+
+
 class MetricLogger:
     def __init__(self, out_dir: str | Path, *, log_every: int, check_every: int, total_steps: int,
                  global_batch: int, device: torch.device, rank: int = 0, tensorboard: bool = True,
@@ -48,7 +69,7 @@ class MetricLogger:
         self.bar = self.tb = None
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            truncate_records(self.path, start_step)
+            truncate_records(self.path, start_step)   # LogWriteError when it cannot
             if progress:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -91,11 +112,9 @@ class MetricLogger:
             return
         rec = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "momentum": momentum,
                "img_per_s": img_s, "eta_s": eta, "time": time.time()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        write_log_file(self.path, json.dumps(rec) + "\n", append=True)
         if self.tb is not None:
-            for k in ("loss", "lr", "momentum", "img_per_s"):
-                self.tb.add_scalar(f"train/{k}", rec[k], step)
+            self._tensorboard({f"train/{k}": rec[k] for k in ("loss", "lr", "momentum", "img_per_s")}, step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", m=f"{momentum:.5f}",
@@ -122,12 +141,10 @@ class MetricLogger:
             return
         rec = {f"knn_top{t}@{k}": acc[i] for k, acc in knn.items() for i, t in enumerate((1, 5))}
         rec["seconds"] = seconds
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, "eval": rec, "split": split,
-                                "time": time.time()}) + "\n")
+        write_log_file(self.path, json.dumps({"step": step, "epoch": epoch, "eval": rec, "split": split,
+                                              "time": time.time()}) + "\n", append=True)
         if self.tb is not None:
-            for k, v in rec.items():
-                self.tb.add_scalar(f"eval/{k}", v, step)
+            self._tensorboard({f"eval/{k}": v for k, v in rec.items()}, step)
         line = (f"step {step}: kNN on {split} " + ", ".join(f"k={k} top-1 {a[0]:.2f}%" for k, a in knn.items())
                 + f" ({seconds:.1f} s)")
         if self.bar is not None:
@@ -137,11 +154,22 @@ class MetricLogger:
         else:
             print(line, flush=True)
 
+    def _tensorboard(self, scalars: dict, step: int) -> None:
+        try:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        except OSError as e:
+            raise LogWriteError(f"could not write TensorBoard events under {self.path.parent / 'tb'} "
+                                f"({e.strerror or e})") from None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError:   # already reported, or the run is ending on another error
+                pass
 
 
 def truncate_records(path: Path, last_step: int) -> None:
@@ -160,6 +188,4 @@ def truncate_records(path: Path, last_step: int) -> None:
             keep.append(line)
     if len(keep) == len(lines):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_log_file(path, "".join(line + "\n" for line in keep))

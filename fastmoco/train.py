@@ -7,14 +7,17 @@
 Dotted options after --config override the JSON (see fastmoco/config.py).
 `--resume auto` continues from the newest loadable checkpoint in
 <logging.out_dir>/checkpoints (or starts when there is none), `--resume DIR`
-from that one. A fresh run refuses an out_dir that holds a previous run unless
-`--overwrite` (which deletes that run's checkpoints, metrics.jsonl, tb/ and
-config.json, and says so). A resume refuses a config that changes the run's
-meaning (fastmoco.checkpoint.RESUME_MUST_MATCH, global batch, steps per epoch,
-world size, ZeRO stage), naming the key and both values, unless
-`--allow-change KEY` (repeatable; e.g. schedule.epochs to train longer).
-SIGTERM / SIGINT save a checkpoint at the next agreed step boundary and exit 0
-(fastmoco/preemption.py).
+from that one. One run at a time owns an out_dir (a lock held for its life:
+another run there is refused, naming it). A fresh run refuses an out_dir that
+holds a previous run unless `--overwrite` (which deletes that run's
+checkpoints, metrics.jsonl, tb/ and config.json, and says so); debris of
+interrupted saves is removed at start. A resume compares every config key and
+the run's shape with the checkpoint's (fastmoco.config.RESUME_RULES): a change
+that cannot load is refused, one that changes the run's meaning is refused
+unless `--allow-change KEY` (repeatable; e.g. schedule.epochs to train longer),
+and the accepted changes are printed. SIGTERM / SIGINT, or the exit of a
+launcher above the ranks, save a checkpoint at the next agreed step boundary
+and exit 0 (fastmoco/preemption.py).
 """
 from __future__ import annotations
 
@@ -31,12 +34,13 @@ import torch
 
 from fastmoco import checkpoint
 from fastmoco.checkpoint import CheckpointError
-from fastmoco.config import Config, ConfigError, load_config, to_dict, validate_deepspeed
-from fastmoco.metrics import MetricLogger, NonFiniteLossError
+from fastmoco.config import (Config, ConfigError, check_allow_change, load_config, resume_changes, to_dict,
+                             validate_deepspeed)
+from fastmoco.metrics import LogWriteError, MetricLogger, NonFiniteLossError, write_log_file
 from fastmoco.methods import get_method
 from fastmoco.optim import after_initialize, build_optimizer
 from fastmoco.pipelines import DatasetError
-from fastmoco.preemption import Preemption, exit_with_parent
+from fastmoco.preemption import DataWaitInterrupted, Preemption, exit_with_parent
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -69,6 +73,26 @@ def fill_single_process_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed(use_cuda: bool) -> None:
+    """torch.distributed through DeepSpeed (nccl on GPUs, gloo on CPUs); nothing when it is up already.
+
+    On a machine without CUDA, DeepSpeed JIT-compiles its shm_comm C++ op at every start of an
+    environment whose build is not in ~/.cache/torch_extensions (a minute or more; environments that
+    share that cache rebuild it over each other). Its one user is DeepSpeed's inference_all_reduce,
+    which fastmoco never calls, so the op is marked unavailable and nothing is compiled."""
+    import deepspeed
+
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False   # DeepSpeed keeps this dict: edits persist
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 
 
 def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
@@ -114,9 +138,7 @@ class Trainer:
         if cfg.model.img_size != cfg.data.image_size:
             raise ConfigError(f"model.img_size {cfg.model.img_size} != data.image_size {cfg.data.image_size}")
         self.use_cuda = torch.cuda.is_available()
-        if self.use_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend="nccl" if self.use_cuda else "gloo")
+        init_distributed(self.use_cuda)
         import torch.distributed as dist
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.use_cuda else torch.device("cpu")
@@ -144,6 +166,9 @@ class Trainer:
         resume_path = self._resume_path(resume, allow_change) if resume else None
         self.method = get_method(cfg)
         self.sched = self.method.schedules(cfg, steps_per_epoch=self.steps_per_epoch, global_batch=self.global_batch)
+        if not torch.isfinite(self.sched.lr).all():
+            raise ConfigError(f"optim.base_lr {cfg.optim.base_lr:g} x global batch {self.global_batch} / 256 gives "
+                              "a learning rate that is not a finite number")
         self.lrs = self.sched.lr.tolist()
         self.momenta = self.sched.momentum.tolist()
         self.wds = self.sched.weight_decay.tolist() if self.sched.weight_decay is not None else None
@@ -174,20 +199,27 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _run_shape(self) -> dict:
+        """What the config alone does not fix, as resolved for this run (the `run.*` keys of
+        fastmoco.config.RESUME_RULES)."""
         return {"global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                "world_size": self.world, "zero_stage": self.zero_stage}
+                "world_size": self.world, "zero_stage": self.zero_stage, "bf16": self.bf16,
+                "dataset": self.loader.fingerprint}
 
     def _resume_path(self, resume: str, allow_change: tuple[str, ...]) -> Path | None:
-        """The checkpoint to resume from, after comparing its run with this one."""
+        """The checkpoint to resume from, after comparing its run with this one (before loading it)."""
         path = checkpoint.find_latest(self.ckpt_dir) if resume == "auto" else Path(resume)
         if path is None:
             self._print(f"--resume auto: no loadable checkpoint in {self.ckpt_dir}; starting from scratch")
             return None
-        changes = checkpoint.config_changes(checkpoint.read_meta(path), to_dict(self.cfg), self._run_shape(),
-                                            allow=tuple(allow_change))
-        if changes:
-            raise ConfigError(f"cannot resume from {path}: this run differs in " + "; ".join(changes)
-                              + " (pass --allow-change KEY to accept a change on purpose)")
+        cannot, refused, accepted = resume_changes(checkpoint.read_meta(path),
+                                                   {"config": to_dict(self.cfg), "run": self._run_shape()},
+                                                   allow=tuple(allow_change))
+        if cannot or refused:
+            hint = " (pass --allow-change KEY to accept a change on purpose)" if refused else ""
+            raise ConfigError(f"cannot resume from {path}: this run differs in " + "; ".join(cannot + refused)
+                              + hint)
+        if accepted:
+            self._print(f"resuming from {path} with changes: " + "; ".join(accepted))
         return path
 
     def _resume(self, path: Path) -> None:
@@ -239,19 +271,21 @@ class Trainer:
         total = self.sched.total_steps
         stop = min(total, c.schedule.max_steps) if c.schedule.max_steps > 0 else total
         self.last_checkpoint = checkpoint.find_latest(self.ckpt_dir, warn=False)
-        log = MetricLogger(self.out_dir, log_every=c.logging.log_every, check_every=c.logging.check_finite_every,
-                           total_steps=stop, global_batch=self.global_batch, device=self.device, rank=self.rank,
-                           tensorboard=c.logging.tensorboard, progress=c.logging.progress, start_step=self.step)
-        if self.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(json.dumps(to_dict(c), indent=1))
-        self.engine.train()
+        log = None
         stopped = False
-        if self.monitor is not None and self.monitor.at_start and self.step == 0:
-            self.evaluate(log)
         try:
+            log = MetricLogger(self.out_dir, log_every=c.logging.log_every, check_every=c.logging.check_finite_every,
+                               total_steps=stop, global_batch=self.global_batch, device=self.device,
+                               rank=self.rank, tensorboard=c.logging.tensorboard, progress=c.logging.progress,
+                               start_step=self.step)
+            if self.rank == 0:
+                write_log_file(self.out_dir / "config.json", json.dumps(to_dict(c), indent=1))
+            self.engine.train()
+            if self.monitor is not None and self.monitor.at_start and self.step == 0:
+                self.evaluate(log)
             while self.step < stop and self.epoch < c.schedule.epochs and not stopped:
-                for *views, _ in self.loader:  # the rest of the loader's epoch
+                # the rest of the loader's epoch; a stop request while no batch comes ends the wait
+                for *views, _ in self.preempt.batches(self.loader):
                     log.record(self.train_step(*views))
                     self.step += 1
                     log.after_step(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
@@ -277,15 +311,21 @@ class Trainer:
             if stopped and self.saved_step != self.step:
                 log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch, log=False)
                 self.save()
-        except (NonFiniteLossError, CheckpointError, DatasetError) as e:  # DatasetError: too many bad files
-            log.close()
+            if self.step:
+                log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
+            if self.monitor is not None and not stopped and (not self.knn_history
+                                                             or self.knn_history[-1][0] != self.step):
+                self.evaluate(log)
+        # DatasetError: too many bad files, or a read that hangs; LogWriteError: metrics on a full disk
+        except (NonFiniteLossError, CheckpointError, DatasetError, LogWriteError) as e:
             where = self.last_checkpoint or "none written yet"
             raise SystemExit(f"fastmoco: {e}; stopping. Last good checkpoint: {where}") from None
-        if self.step:
-            log.flush(self.step, self.lrs[self.step - 1], self.momenta[self.step - 1], self.epoch)
-        if self.monitor is not None and not stopped and (not self.knn_history or self.knn_history[-1][0] != self.step):
-            self.evaluate(log)
-        log.close()
+        except DataWaitInterrupted as e:   # no step boundary came: the other ranks wait in a collective
+            where = self.last_checkpoint or "none written yet"
+            raise SystemExit(f"fastmoco: stopped by {e}; not saved. Last good checkpoint: {where}") from None
+        finally:
+            if log is not None:
+                log.close()
         if stopped:
             why = self.preempt.received or "a signal on another rank"
             self._print(f"fastmoco: stopped by {why} at step {self.step}; checkpoint: {self.last_checkpoint}")
@@ -331,20 +371,26 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, overrides)
         validate_deepspeed(cfg.deepspeed)
+        check_allow_change(args.allow_change, cfg)
     except ConfigError as e:
         raise SystemExit(f"fastmoco: config error: {e}") from None
     fill_single_process_env()
+    preempt = Preemption(every=cfg.logging.check_finite_every)
     if launched:
         exit_with_parent()
+        preempt.watch_launchers()   # `deepspeed` exits on SIGTERM without telling its ranks
     try:
-        removed = checkpoint.prepare_out_dir(cfg.logging.out_dir, resume=args.resume, overwrite=args.overwrite,
-                                             remove=os.environ["RANK"] == "0")
+        checkpoint.check_out_dir(cfg.logging.out_dir)   # every rank, before anything slow
+        use_cuda = torch.cuda.is_available()
+        init_distributed(use_cuda)
+        # Rank 0 locks the out_dir for the life of the run; every rank fails with it.
+        lock, notes = checkpoint.claim_out_dir(cfg.logging.out_dir, resume=args.resume, overwrite=args.overwrite)
     except CheckpointError as e:
         raise SystemExit(f"fastmoco: {e}") from None
-    if removed and os.environ["RANK"] == "0":
-        print(f"--overwrite: removed the previous run's {', '.join(removed)}", flush=True)
+    for note in notes:
+        print(note, flush=True)
     # From here SIGTERM/SIGINT mean: save at the next step boundary (one during start-up too).
-    preempt = Preemption(every=cfg.logging.check_finite_every).install()
+    preempt.install()
     try:
         trainer = Trainer(cfg, resume=args.resume, allow_change=tuple(args.allow_change), preempt=preempt)
     except (ConfigError, ValueError, FileNotFoundError, CheckpointError) as e:
@@ -360,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

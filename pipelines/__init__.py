@@ -20,12 +20,13 @@ import warnings
 import torch
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, DataCursor, ShardPlan, TwoCropLoader, augment_params, mix_seed
-from .folder import BadImageWarning, DatasetError, check_image_file, scan_image_folder
+from .folder import (CHECK_CACHE, BadImageWarning, DatasetError, check_image_file, dataset_fingerprint,
+                     scan_image_folder)
 from .synthetic import SyntheticTwoCropLoader
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
-    "TwoCropLoader", "augment_params", "build_loader", "check_image_file", "mix_seed",
+    "CHECK_CACHE", "IMAGENET_MEAN", "IMAGENET_STD", "BadImageWarning", "DataCursor", "DatasetError", "ShardPlan", "SyntheticTwoCropLoader",
+    "TwoCropLoader", "augment_params", "build_loader", "check_image_file", "dataset_fingerprint", "mix_seed",
     "scan_image_folder",
 ]
 
@@ -48,16 +49,21 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
                                shuffle_buffer=cfg.shuffle_buffer)
     else:
         samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
-                                    verify=cfg.verify_images)
+                                    verify=cfg.verify_images, shard_id=shard_id, num_shards=num_shards)
     kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
                   dtype=dtype, train=train)
+    loader = None
     if cfg.backend == "dali":
         from .dali import HAS_DALI, DaliTwoCropLoader
 
         if HAS_DALI:
-            return DaliTwoCropLoader(samples, cfg, **kwargs)
-        warnings.warn("data.backend is 'dali' but nvidia-dali cannot be imported: "
-                      "using the torchvision loader (much slower)", RuntimeWarning, stacklevel=2)
-    from .torchvision_loader import TorchvisionTwoCropLoader
+            loader = DaliTwoCropLoader(samples, cfg, **kwargs)
+        else:
+            warnings.warn("data.backend is 'dali' but nvidia-dali cannot be imported: "
+                          "using the torchvision loader (much slower)", RuntimeWarning, stacklevel=2)
+    if loader is None:
+        from .torchvision_loader import TorchvisionTwoCropLoader
 
-    return TorchvisionTwoCropLoader(samples, cfg, **kwargs)
+        loader = TorchvisionTwoCropLoader(samples, cfg, **kwargs)
+    loader.fingerprint = dataset_fingerprint(samples, cfg.path)
+    return loader

@@ -28,6 +28,7 @@ last partial batch, so every sample is seen exactly once.
 from __future__ import annotations
 
 import abc
+import ctypes
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,6 +40,19 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BLUR_SIGMA = (0.1, 2.0)           # MoCo v3 / SimCLR GaussianBlur range
 SOLARIZE_THRESHOLD = 128
 EVAL_CROP_FRACTION = 0.875        # resize 256 -> crop 224
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send `sig` to this process when the thread that started it exits (loader workers,
+    ranks under a launcher); False where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def mix_seed(*parts: int) -> int:
@@ -55,13 +69,16 @@ def augment_params(cfg) -> dict:
     then `local_crops` local ones (DINO's multi-crop); every view shares the colour parameters."""
     p = {k: getattr(cfg, k) for k in ("image_size", "crop_min", "jitter_prob", "brightness", "contrast",
                                       "saturation", "hue", "grayscale_prob", "flip_prob", "interpolation")}
+    for key in ("blur_prob", "solarize_prob"):
+        if len(getattr(cfg, key)) != 2:
+            raise ValueError(f"data.{key} needs two values, [view1, view2], got {getattr(cfg, key)!r}")
+    probs = {key: getattr(cfg, key) for key in ("jitter_prob", "grayscale_prob", "flip_prob", "local_blur_prob",
+                                                 "local_solarize_prob")}
+    probs.update({f"{key}[{i}]": v for key in ("blur_prob", "solarize_prob") for i, v in enumerate(getattr(cfg, key))})
+    for key, v in probs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"data.{key} is a probability: it must lie in [0, 1], got {v!r}")
     blur, sol = [float(v) for v in cfg.blur_prob], [float(v) for v in cfg.solarize_prob]
-    if len(blur) != 2 or len(sol) != 2:
-        raise ValueError("data.blur_prob and data.solarize_prob need two values: [view1, view2]")
-    probs = [p["jitter_prob"], p["grayscale_prob"], p["flip_prob"], *blur, *sol, cfg.local_blur_prob,
-             cfg.local_solarize_prob]
-    if not all(0.0 <= v <= 1.0 for v in probs):
-        raise ValueError(f"data probabilities must lie in [0, 1], got {probs}")
     if not 0.0 < p["crop_min"] <= 1.0:
         raise ValueError(f"data.crop_min must lie in (0, 1], got {p['crop_min']}")
     if p["interpolation"] not in INTERPOLATIONS:
@@ -182,6 +199,9 @@ class TwoCropLoader(abc.ABC):
         self.plan = plan or ShardPlan(num_samples, batch_size, shard_id=shard_id, num_shards=num_shards,
                                       seed=cfg.seed, train=train)
         self.cursor = DataCursor(self.plan)
+        # What identifies the data to a resumed run (build_loader sets it from the file list; the
+        # synthetic source is identified by its config).
+        self.fingerprint: str | None = None
         self.cfg = cfg
         self.train = train
         self.device = torch.device(device)

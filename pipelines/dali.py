@@ -78,7 +78,6 @@ from __future__ import annotations
 import base64
 import itertools
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -190,35 +189,43 @@ class EncodedFeeder:
     Training batches run on through every later epoch (DALI prefetches a few batches ahead,
     into the next epoch at the end of one). Evaluation walks one epoch and pads its last batch
     by repeating samples (the loader drops the padding). Files are read by a small thread
-    pool: file reads release the GIL.
+    pool (`FileReader`: file reads release the GIL; a read that hangs past data.read_timeout
+    stops the run naming the file).
     """
 
-    def __init__(self, source, cursor: DataCursor, num_threads: int = 8, bad: BadSamples | None = None):
+    def __init__(self, source, cursor: DataCursor, bad: BadSamples | None = None):
         self.source = source
         self.bad = bad or source.bad_samples(1.0)
         self.batch_size = cursor.plan.batch_size
         self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
-        self._pool = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="fastmoco-read")
 
     def __call__(self):
         _, _, idx = next(self._batches)
         if len(idx) < self.batch_size:  # evaluation's last batch: pad
             idx = np.resize(idx, self.batch_size)
-        read = list(self._pool.map(self._read, idx))
-        return [data for data, _ in read], [np.array([label], dtype=np.int32) for _, label in read]
+        read = self._read([int(i) for i in idx])
+        return [data for _, data, _ in read], [np.array([label], dtype=np.int32) for _, _, label in read]
 
-    def _read(self, index: int) -> tuple[np.ndarray, int]:
-        """(bytes, label) of sample `index`, or of its stand-in if it is known bad or unreadable
-        (deleted since the scan, a truncated shard)."""
-        while True:
-            index = self.bad.replacement(index)
-            try:
-                return self.source.read(index)
-            except OSError as e:
-                self.bad.mark(index, f"unreadable ({e.strerror or e})")
+    def _read(self, indices: list[int]) -> list[tuple[int, np.ndarray, int]]:
+        """(index, bytes, label) per sample: the sample's own, or its stand-in's where it is known bad
+        or cannot be read (deleted or replaced since the scan, in a truncated shard)."""
+        out: list = [None] * len(indices)
+        current, todo = list(indices), list(range(len(indices)))
+        while todo:
+            for k in todo:
+                current[k] = self.bad.replacement(current[k])
+            failed = []
+            for k, (data, label) in zip(todo, self.source.read_batch([current[k] for k in todo])):
+                if isinstance(data, OSError):
+                    self.bad.mark(current[k], f"unreadable ({data.strerror or data})")
+                    failed.append(k)
+                else:
+                    out[k] = (current[k], data, label)
+            todo = failed
+        return out
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.source.close()
 
 
 if HAS_DALI:
@@ -277,7 +284,7 @@ class DaliTwoCropLoader(TwoCropLoader):
                  prefetch_queue_depth: int = 2):
         if not HAS_DALI:
             raise ImportError("nvidia-dali is not installed")
-        self.source = sample_source(samples)
+        self.source = sample_source(samples, cfg.read_timeout, threads=min(8, max(1, cfg.num_threads)))
         super().__init__(cfg, len(self.source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train,
                          plan=self.source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
@@ -320,8 +327,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
-        self._feeder = EncodedFeeder(self.source, self.cursor,
-                                     num_threads=min(8, max(1, self.cfg.num_threads)), bad=self.bad)
+        self._feeder = EncodedFeeder(self.source, self.cursor, bad=self.bad)
         restore = {}
         if self._dali_state is not None:
             restore["checkpoint"] = base64.b64decode(self._dali_state)

@@ -234,6 +234,19 @@ class ShardSamples:
     def __len__(self) -> int:
         return len(self.shard_of)
 
+    def read_batch(self, indices: list[int]) -> list[tuple[np.ndarray | OSError, int]]:
+        """`folder.FileSamples.read_batch`'s interface: (bytes, label) per sample, or its OSError."""
+        out = []
+        for i in indices:
+            try:
+                out.append(self.read(i))
+            except OSError as e:
+                out.append((e, -1))   # the label of a sample that is replaced is not read
+        return out
+
+    def close(self) -> None:
+        """Nothing to stop: reads are preads on descriptors kept per process."""
+
     def name(self, i: int) -> str:
         shard = int(self.shard_of[i])
         image, _ = self._members[shard][i - int(self.first[shard])]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 
 import torch
 import torch.utils.data
@@ -24,7 +25,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .base import (BLUR_SIGMA, EVAL_CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, SOLARIZE_THRESHOLD, DataCursor,
-                   TwoCropLoader, augment_params, mix_seed)
+                   TwoCropLoader, augment_params, mix_seed, set_parent_death_signal)
 from .folder import sample_source
 
 
@@ -104,8 +105,8 @@ class TwoCropDataset(torch.utils.data.Dataset):
     """Item (epoch, index) -> (*views, label) (one view per crop spec); the epoch travels with the index
     so that (persistent) workers need no state."""
 
-    def __init__(self, samples, aug: dict, seed: int, train: bool = True, max_bad_fraction: float = 1.0):
-        self.source, self.aug, self.seed, self.train = sample_source(samples), aug, seed, train
+    def __init__(self, source, aug: dict, seed: int, train: bool = True, max_bad_fraction: float = 1.0):
+        self.source, self.aug, self.seed, self.train = source, aug, seed, train
         self.bad = self.source.bad_samples(max_bad_fraction)
 
     def __len__(self) -> int:
@@ -128,12 +129,23 @@ class TwoCropDataset(torch.utils.data.Dataset):
         decoded (damaged, deleted since the scan, in a truncated shard); see folder.BadSamples."""
         while True:
             index = self.bad.replacement(index)
+            (data, label), = self.source.read_batch([index])
+            if isinstance(data, OSError):
+                self.bad.mark(index, f"unreadable ({data.strerror or data})")
+                continue
             try:
-                data, label = self.source.read(index)
                 with Image.open(io.BytesIO(data)) as f:
                     return f.convert("RGB"), index, label
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 self.bad.mark(index, f"does not decode ({type(e).__name__}: {e})")
+
+
+def _worker_init(worker_id: int) -> None:
+    """A worker dies with the process that started it, even one killed by SIGKILL: torch's own check
+    (is the parent still there?) runs only between batches, not in a read that never returns.
+    (Linux sends the signal when the thread that forked the worker ends: iterate the loader in the
+    thread that lives as long as the iteration, as the Trainer does in the main thread.)"""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 class _BatchSampler:
@@ -159,7 +171,8 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
     def __init__(self, samples, cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  train: bool = True, num_workers: int | None = None):
-        self.source = source = sample_source(samples)   # (path, label) list, or shards.ShardSamples
+        # (path, label) list, or shards.ShardSamples; one read thread per worker process
+        self.source = source = sample_source(samples, cfg.read_timeout, threads=1)
         super().__init__(cfg, len(source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train,
                          plan=source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
@@ -171,7 +184,7 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
         # were seen to stall interpreter shutdown / garbage collection for 5 s each.
         self.dataloader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self.cursor), num_workers=workers, pin_memory=pin,
-            persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+            persistent_workers=False, prefetch_factor=4 if workers > 0 else None, worker_init_fn=_worker_init)
 
     def _batches(self):
         for *views, labels in self.dataloader:

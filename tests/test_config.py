@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -90,3 +91,81 @@ def test_fused_switch_modes_and_layernorm_widths():
     assert AUTO_WIDTHS == {768}
     with pytest.raises(ValueError, match="unknown fused op"):
         ops.set_fused(softmax="on")
+
+
+# -- what a resume may change (issue 21) --------------------------------------------------------------------
+def _leaves(cls, prefix=""):
+    """Dotted names of every field of dataclass `cls`, recursively (the deepspeed dict is one leaf)."""
+    import dataclasses
+    import typing
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}"
+
+
+def test_every_config_key_has_a_resume_rule_and_every_rule_a_key():
+    from fastmoco.config import RESUME_RULES
+    leaves = set(_leaves(Config))
+    unclassified = sorted(k for k in leaves if k not in RESUME_RULES)
+    assert unclassified == [], f"classify these keys in fastmoco.config.RESUME_RULES: {unclassified}"
+    stale = sorted(k for k in RESUME_RULES if k.split(".")[0] not in ("run", "deepspeed") and k not in leaves)
+    assert stale == []
+    # the run's shape is what the Trainer records; every FIXED key says why
+    from fastmoco.config import FIXED, _fixed_why
+    assert {k for k in RESUME_RULES if k.startswith("run.")} == {f"run.{k}" for k in (
+        "global_batch", "steps_per_epoch", "dataset", "world_size", "zero_stage", "bf16")}
+    assert all(_fixed_why(k) for k, rule in RESUME_RULES.items() if rule == FIXED)
+
+
+def _meta(**changes):
+    cfg = to_dict(Config())
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return {"config": cfg, "run": {"global_batch": 256, "zero_stage": 0, "dataset": "10 files, sha256 ab"}}
+
+
+def test_resume_changes_sorts_every_difference_into_its_class():
+    from fastmoco.config import resume_changes
+    saved = _meta()
+    now = _meta(**{"optim.base_lr": 3e-4, "optim.name": "lars", "data.path": "/moved", "logging.out_dir": "x",
+                   "schedule.max_steps": 9, "deepspeed.zero_optimization": {"stage": 0, "overlap_comm": True},
+                   "deepspeed.gradient_clipping": 1.0})
+    now["run"]["dataset"] = "10 files, sha256 cd"
+    cannot, refused, accepted = resume_changes(saved, now)
+    assert [c.split(" (")[0] for c in cannot] == ["optim.name: 'adamw' -> 'lars'"]
+    assert "another optimizer" in cannot[0] and "--model.init_from" in cannot[0]
+    assert refused == ["deepspeed.gradient_clipping: 0.0 -> 1.0", "optim.base_lr: 0.00015 -> 0.0003",
+                       "run.dataset: '10 files, sha256 ab' -> '10 files, sha256 cd'"]
+    assert accepted == ["data.path: '' -> '/moved'", "deepspeed.zero_optimization.overlap_comm: None -> True"]
+    cannot, refused, accepted = resume_changes(saved, now, allow=("optim", "run.dataset",
+                                                                   "deepspeed.gradient_clipping", "optim.name"))
+    assert len(cannot) == 1 and refused == []     # allowing a FIXED key changes nothing
+    assert "optim.base_lr: 0.00015 -> 0.0003 (--allow-change)" in accepted
+    # a run shape value an older checkpoint did not record is not compared
+    assert resume_changes({"config": saved["config"], "run": {}}, now)[1][-1].startswith("optim.base_lr")
+
+
+@pytest.mark.parametrize("key, expect", [
+    ("optim.base_lrr", "--allow-change optim.base_lrr: no such config key"),
+    ("run.zero_stagee", "no such config key"),
+    ("model.arch", "model.arch cannot change at resume (the checkpoint's weights"),
+    ("run.zero_stage", "run.zero_stage cannot change at resume (DeepSpeed's files of one ZeRO stage"),
+    ("optim.name", "optim.name cannot change at resume"),
+])
+def test_allow_change_refuses_unknown_keys_and_changes_that_cannot_load(key, expect):
+    from fastmoco.config import check_allow_change
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        check_allow_change([key], Config())
+
+
+def test_allow_change_takes_keys_sections_run_shape_and_deepspeed_keys():
+    from fastmoco.config import check_allow_change
+    check_allow_change(["optim.base_lr", "optim", "schedule.epochs", "run.global_batch", "run.dataset",
+                        "deepspeed.gradient_clipping", "deepspeed.zero_optimization.stage", "data.blur_prob"], Config())

@@ -8,6 +8,11 @@ MODE: fit        train; rank 0 saves both encoders (gathered) and ZeRO shard siz
                  and rank 0 waits there until it receives a signal (the tests send it)
       kill-in-resave  fastmoco.train.main; kill -9 (of itself) in the middle of deleting an
                  existing copy of a checkpoint being saved again: one file deleted, then SIGKILL
+      kill-in-staging:K  fastmoco.train.main; kill -9 (of itself) while the checkpoint of step K is
+                 half written in checkpoints/.staging (DeepSpeed's files there, fastmoco's not yet)
+      hang-decode-at:K  fastmoco.train.main; from step K on, PIL's Image.open never returns (a read
+                 that hangs); writes OUT.rank<R> (its pid) when it starts hanging
+      hang-read:NAME  fastmoco.train.main; reading the file named NAME never returns
 """
 import json
 import os
@@ -20,8 +25,9 @@ import torch
 
 
 def main():
-    mode, out, config, *overrides = sys.argv[1:]
-    if mode.startswith("wait-at:") or mode == "kill-in-resave":
+    # deepspeed's launch.py puts --local_rank=N first (fastmoco.train's parser takes it)
+    mode, out, config, *overrides = [a for a in sys.argv[1:] if not a.startswith(("--local_rank", "--local-rank"))]
+    if mode.startswith(("wait-at:", "kill-in-", "hang-")):
         return run_main(mode, out, config, overrides)
     from fastmoco import checkpoint
     from fastmoco.config import load_config
@@ -93,6 +99,45 @@ def run_main(mode, out, config, argv):
             return real_step(self, x1, x2)
 
         train.Trainer.train_step = train_step
+    elif mode.startswith("kill-in-staging:"):
+        at = int(mode.split(":")[1])
+        real_save = checkpoint.torch.save
+
+        def save(obj, path, *args, **kwargs):
+            path_ = Path(path)
+            if checkpoint.tag_for(at) in path_.parts and path_.name.startswith("fastmoco_rank"):
+                os.kill(os.getpid(), signal.SIGKILL)   # DeepSpeed's files are in .staging/step_K
+            return real_save(obj, path, *args, **kwargs)
+
+        checkpoint.torch.save = save
+    elif mode.startswith("hang-decode-at:"):
+        at = int(mode.split(":")[1])
+        from PIL import Image
+        real_open, real_step = Image.open, train.Trainer.train_step
+        state = {"hang": False}
+
+        def train_step(self, *views):
+            state["hang"] = state["hang"] or self.step >= at
+            return real_step(self, *views)
+
+        def hanging_open(*args, **kwargs):
+            if state["hang"]:
+                Path(f"{out}.rank0").write_text(str(os.getpid()))
+                time.sleep(10 ** 6)
+            return real_open(*args, **kwargs)
+
+        train.Trainer.train_step = train_step
+        Image.open = hanging_open
+    elif mode.startswith("hang-read:"):
+        from fastmoco.pipelines import folder
+        name, real_read = mode.split(":", 1)[1], folder.read_file
+
+        def read_file(path):
+            if Path(path).name == name:
+                time.sleep(10 ** 6)
+            return real_read(path)
+
+        folder.read_file = read_file
     else:
         real_rmtree = checkpoint.shutil.rmtree
 
