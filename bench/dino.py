@@ -3,8 +3,8 @@
     python bench/throughput.py --only dino [--batch 64]
 
 - step/trainer: `fastmoco.train.Trainer.train_step` built from configs/dino_vit_s16.json (DeepSpeed bf16,
-  ZeRO-1, fused DINO loss, multi-tensor fp32 EMA) on 2 global 224-px + 10 local 96-px crops
-  already on the device; img/s (one image = its 12 crops). At batch 64 (DINO's per GPU) and at the
+  ZeRO-1, fused DINO loss, multi-tensor fp32 EMA) on 2 global 224-px + the config's local 96-px crops
+  (data.local_crops: 8, the README's vanilla recipe) already on the device; img/s (one image = all its crops). At batch 64 (DINO's per GPU) and at the
   largest of 128, 256, 512 that fits (step/trainer-largest).
 - step/e2e: the same Trainer fed by its DALI multi-crop loader on a JPEG folder (end to end).
 - step/peer: bench/peer.py's PeerDINO as main_dino.py trains it: timm ViT-S/16, fp16 autocast +
