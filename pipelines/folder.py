@@ -400,10 +400,15 @@ def check_files(paths: list[str], root: str | os.PathLike, *, verify: bool, num_
     return reasons
 
 
-def dataset_fingerprint(samples: list[tuple[str, int]], root: str | os.PathLike) -> str:
+def dataset_fingerprint(samples, root: str | os.PathLike) -> str:
     """What identifies a dataset to a resumed run (its data position indexes this list): the usable
-    files, as paths relative to `root`, and their labels, in order."""
+    files, as paths relative to `root`, and their labels, in order; for a sample source (tar shards)
+    the names of its members (shard and key), in order."""
     h = hashlib.sha256()
+    if hasattr(samples, "read"):   # a sample source (tar shards): its members' names, in order
+        for i in range(len(samples)):
+            h.update(f"{os.path.relpath(samples.name(i), root)}\n".encode())
+        return f"{len(samples)} samples, sha256 {h.hexdigest()[:16]}"
     for path, label in samples:
         h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
     return f"{len(samples)} files, sha256 {h.hexdigest()[:16]}"

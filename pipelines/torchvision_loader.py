@@ -105,8 +105,9 @@ class TwoCropDataset(torch.utils.data.Dataset):
     """Item (epoch, index) -> (*views, label) (one view per crop spec); the epoch travels with the index
     so that (persistent) workers need no state."""
 
-    def __init__(self, source, aug: dict, seed: int, train: bool = True, max_bad_fraction: float = 1.0):
-        self.source, self.aug, self.seed, self.train = source, aug, seed, train
+    def __init__(self, samples, aug: dict, seed: int, train: bool = True, max_bad_fraction: float = 1.0):
+        # (path, label) list or a sample source (folder.FileSamples with its read timeout, shards)
+        self.source, self.aug, self.seed, self.train = sample_source(samples, threads=1), aug, seed, train
         self.bad = self.source.bad_samples(max_bad_fraction)
 
     def __len__(self) -> int:

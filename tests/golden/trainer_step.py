@@ -63,7 +63,7 @@ def run_case(name: str, tmp: Path) -> dict:
     trainer.optimizer.step = step
     losses = []
     for i, (x1, x2) in enumerate(views):
-        ms.append(float(trainer.step_kwargs(trainer.step)["m"]))
+        ms.append(float(trainer.step_kwargs(trainer.step)["m"][0]))   # the EMA gets the pair [m, 1 - m]
         losses.append(trainer.train_step(x1, x2).item())
         trainer.step += 1
         for k, v in model.state_dict().items():
