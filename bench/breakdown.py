@@ -137,9 +137,8 @@ def run_phases(trainer, batches, steps: int, warmup: int) -> dict:
             "step_ms": total, "data_stall": mean["data"] / total if total else 0.0, "steps": steps}
 
 
-def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict]:
-    """The n operations with the most self time (device kernels on the GPU, CPU ops otherwise)
-    over `steps` steps of torch.profiler."""
+def _profiled_steps(trainer, batches, steps: int):
+    """torch.profiler (CPU, and CUDA on the GPU) over `steps` Trainer steps; the profile."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -151,6 +150,14 @@ def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict
             trainer.step += 1
         if cuda:
             torch.cuda.synchronize()
+    return prof
+
+
+def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict]:
+    """The n operations with the most self time (device kernels on the GPU, CPU ops otherwise)
+    over `steps` steps of torch.profiler."""
+    cuda = trainer.device.type == "cuda"
+    prof = _profiled_steps(trainer, batches, steps)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = [e for e in prof.key_averages() if getattr(e, key) > 0]
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -165,7 +172,7 @@ def phase_kernels(trainer, batches, steps: int, phase: str = "optimizer", n: int
     the n largest of those. A phase whose kernels are a small part of its time is host-bound.
     The phase's call (`engine.step` for "optimizer", `engine.backward` for "backward") runs
     inside a record_function range; a kernel counts when the op that launched it is in it."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import record_function
 
     call = {"optimizer": "step", "backward": "backward"}[phase]
     label = f"fastmoco::{phase}"
@@ -176,14 +183,8 @@ def phase_kernels(trainer, batches, steps: int, phase: str = "optimizer", n: int
         with record_function(label):
             return original(*args, **kwargs)
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with mock.patch.object(trainer.engine, call, ranged), profile(activities=acts) as prof:
-        for _ in range(steps):
-            x1, x2 = next(batches)
-            trainer.train_step(x1, x2)
-            trainer.step += 1
-        if cuda:
-            torch.cuda.synchronize()
+    with mock.patch.object(trainer.engine, call, ranged):
+        prof = _profiled_steps(trainer, batches, steps)
 
     def inside(evt) -> bool:
         while evt is not None:
