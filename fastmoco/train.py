@@ -36,6 +36,7 @@ from fastmoco import checkpoint
 from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import (Config, ConfigError, check_allow_change, load_config, resume_changes, to_dict,
                              validate_deepspeed)
+from fastmoco.distributed import process_entry
 from fastmoco.metrics import LogWriteError, MetricLogger, NonFiniteLossError, write_log_file
 from fastmoco.methods import get_method
 from fastmoco.optim import after_initialize, build_optimizer
@@ -363,6 +364,7 @@ class Trainer:
             print(msg, flush=True)
 
 
+@process_entry
 def main(argv: list[str] | None = None) -> None:
     # torch.distributed's deprecation notices, printed by DeepSpeed's calls on every rank and step
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -401,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"fastmoco: interrupted twice; not saved. Last checkpoint: {trainer.last_checkpoint}") \
             from None
     finally:
-        # An orderly end of the process group: left to interpreter exit, its backend threads were
-        # seen to abort the process ("terminate called without an active exception") after a save.
+        # An orderly end of the process group. Process groups DeepSpeed keeps live on, and their
+        # threads can still be letting go of tensors: the process ends through end_process.
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -411,4 +413,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -33,11 +33,12 @@ __all__ = [
 
 def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 train: bool = True) -> TwoCropLoader:
-    """The two-crop loader `cfg` (a DataConfig) asks for; see the module docstring."""
+                 train: bool = True, drop_last: bool | None = None) -> TwoCropLoader:
+    """The two-crop loader `cfg` (a DataConfig) asks for; see the module docstring. `drop_last`
+    (default: `train`): whether a shard's last partial batch is left out (ShardPlan)."""
     if cfg.source == "synthetic":
         return SyntheticTwoCropLoader(cfg, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                                      device=device, dtype=dtype, train=train)
+                                      device=device, dtype=dtype, train=train, drop_last=drop_last)
     if cfg.source not in ("folder", "shards"):
         raise ValueError(f"data.source must be 'folder', 'shards' or 'synthetic', got {cfg.source!r}")
     if cfg.backend not in ("dali", "torchvision"):
@@ -51,7 +52,7 @@ def build_loader(cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1
         samples = scan_image_folder(cfg.path, cfg.file_list, max_bad_fraction=cfg.max_bad_fraction,
                                     verify=cfg.verify_images, shard_id=shard_id, num_shards=num_shards)
     kwargs = dict(batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, device=device,
-                  dtype=dtype, train=train)
+                  dtype=dtype, train=train, drop_last=drop_last)
     loader = None
     if cfg.backend == "dali":
         from .dali import HAS_DALI, DaliTwoCropLoader

@@ -21,9 +21,11 @@ process with the whole batch (the training tests rely on it: 2 ranks give the
 1-process loss), the shards are disjoint, equal in length (ranks stay in
 lockstep) and together cover every sample once per epoch except the
 `num_samples % num_shards` dropped at the end. Training drops
-the last partial batch of each shard; evaluation (`train=False`) keeps the
-dataset order, gives shard r the samples r, r + num_shards, ... and keeps the
-last partial batch, so every sample is seen exactly once.
+the last partial batch of each shard unless `drop_last=False` (the linear
+probe's training, as main_lincls: a dataset smaller than one batch still
+trains); evaluation (`train=False`) keeps the dataset order, gives shard r the
+samples r, r + num_shards, ... and keeps the last partial batch, so every
+sample is seen exactly once.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ class ShardPlan:
     """Which sample indices shard `shard_id` visits in each epoch, batch by batch."""
 
     def __init__(self, num_samples: int, batch_size: int, *, shard_id: int = 0, num_shards: int = 1,
-                 seed: int = 0, train: bool = True):
+                 seed: int = 0, train: bool = True, drop_last: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_id < num_shards:
@@ -111,16 +113,18 @@ class ShardPlan:
         self.num_shards = int(num_shards)
         self.seed = int(seed)
         self.train = bool(train)
+        self.drop_last = self.train if drop_last is None else bool(drop_last)
         if train:
             self.per_shard = self.num_samples // self.num_shards
-            self.num_batches = self.per_shard // self.batch_size
         else:
             self.per_shard = len(range(self.shard_id, self.num_samples, self.num_shards))
-            self.num_batches = -(-self.per_shard // self.batch_size)
+        self.num_batches = (self.per_shard // self.batch_size if self.drop_last
+                            else -(-self.per_shard // self.batch_size))
         if train and self.num_batches == 0:
             raise ValueError(
-                f"{self.num_samples} samples over {self.num_shards} shard(s) give no full batch of "
-                f"{self.batch_size}: use a smaller batch or more data")
+                f"{self.num_samples} samples over {self.num_shards} shard(s) give "
+                + (f"no full batch of {self.batch_size}: use a smaller batch or more data" if self.drop_last
+                   else "no sample to every shard: use fewer processes or more data"))
 
     def shard_indices(self, epoch: int) -> np.ndarray:
         """(per_shard,) int64 sample indices of this shard for `epoch`, in visiting order."""
@@ -128,16 +132,17 @@ class ShardPlan:
             return np.arange(self.shard_id, self.num_samples, self.num_shards, dtype=np.int64)
         perm = np.random.default_rng([self.seed, int(epoch)]).permutation(self.num_samples).astype(np.int64)
         b, k, r = self.batch_size, self.num_shards, self.shard_id
-        full = self.num_batches * b * k
-        blocks = perm[:full].reshape(self.num_batches, k, b)[:, r].reshape(-1)  # global batches, r-th block
-        rest = self.per_shard - self.num_batches * b  # the partial batch training drops
+        whole = self.per_shard // b   # full batches per shard
+        full = whole * b * k
+        blocks = perm[:full].reshape(whole, k, b)[:, r].reshape(-1)  # global batches, r-th block
+        rest = self.per_shard - whole * b  # the partial batch: dropped, or kept (drop_last=False)
         tail = perm[full + r * rest: full + (r + 1) * rest]
         return np.concatenate([blocks, tail])
 
     def epoch_indices(self, epoch: int, start_step: int = 0) -> np.ndarray:
         """Indices still to visit in `epoch` from batch `start_step` (whole batches when training)."""
         idx = self.shard_indices(epoch)
-        end = self.num_batches * self.batch_size if self.train else len(idx)
+        end = self.num_batches * self.batch_size if self.drop_last else len(idx)
         return idx[start_step * self.batch_size:end]
 
 

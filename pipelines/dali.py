@@ -280,7 +280,7 @@ class DaliTwoCropLoader(TwoCropLoader):
 
     def __init__(self, samples, cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 train: bool = True, debug: bool = False, hw_decoder_load: float = 0.65,
+                 train: bool = True, drop_last: bool | None = None, debug: bool = False, hw_decoder_load: float = 0.65,
                  prefetch_queue_depth: int = 2):
         if not HAS_DALI:
             raise ImportError("nvidia-dali is not installed")
@@ -288,7 +288,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         super().__init__(cfg, len(self.source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train,
                          plan=self.source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
-                                               train=train))
+                                               train=train, drop_last=drop_last))
         self.aug = augment_params(cfg)
         self.debug = debug
         self.hw_decoder_load = hw_decoder_load

@@ -572,10 +572,12 @@ class FileSamples:
     def bad_samples(self, max_fraction: float) -> BadSamples:
         return BadSamples(self.files, max_fraction)
 
-    def plan(self, batch_size: int, *, shard_id: int, num_shards: int, seed: int, train: bool):
+    def plan(self, batch_size: int, *, shard_id: int, num_shards: int, seed: int, train: bool,
+             drop_last: bool | None = None):
         from .base import ShardPlan
 
-        return ShardPlan(len(self), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train)
+        return ShardPlan(len(self), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train,
+                         drop_last=drop_last)
 
 
 def sample_source(samples, read_timeout: float = 300.0, threads: int = 8):

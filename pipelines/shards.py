@@ -283,11 +283,13 @@ class ShardSamples:
     def bad_samples(self, max_fraction: float) -> "BadMembers":
         return BadMembers(self, max_fraction)
 
-    def plan(self, batch_size: int, *, shard_id: int, num_shards: int, seed: int, train: bool) -> ShardPlan:
+    def plan(self, batch_size: int, *, shard_id: int, num_shards: int, seed: int, train: bool,
+             drop_last: bool | None = None) -> ShardPlan:
         if not train:
-            return ShardPlan(len(self), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=False)
+            return ShardPlan(len(self), batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=False,
+                             drop_last=drop_last)
         return ShardOrderPlan(self.shard_sizes, batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed,
-                              shuffle_buffer=self.shuffle_buffer)
+                              shuffle_buffer=self.shuffle_buffer, drop_last=drop_last)
 
 
 class BadMembers(BadSamples):
@@ -331,10 +333,10 @@ class ShardOrderPlan(ShardPlan):
     (module docstring). Same interface and lockstep lengths as `ShardPlan`."""
 
     def __init__(self, shard_sizes, batch_size: int, *, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
-                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+                 shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER, drop_last: bool | None = None):
         self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
         super().__init__(int(self.shard_sizes.sum()), batch_size, shard_id=shard_id, num_shards=num_shards,
-                         seed=seed, train=True)
+                         seed=seed, train=True, drop_last=drop_last)
         self.first = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self.shuffle_buffer = int(shuffle_buffer)
         if self.shuffle_buffer < 1:
@@ -343,8 +345,9 @@ class ShardOrderPlan(ShardPlan):
 
     @property
     def dropped_per_epoch(self) -> int:
-        """Samples no rank visits in an epoch (the rest of N / k, and each rank's partial last batch)."""
-        return self.num_samples - self.num_batches * self.batch_size * self.num_shards
+        """Samples no rank visits in an epoch (the rest of N / k, and each rank's partial last batch
+        unless kept)."""
+        return self.num_samples - len(self.epoch_indices(0)) * self.num_shards
 
     def describe(self) -> str:
         return (f"data: {self.num_samples} samples in {len(self.shard_sizes)} shards over {self.num_shards} rank(s): "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import TwoCropLoader, augment_params, mix_seed
+from .base import ShardPlan, TwoCropLoader, augment_params, mix_seed
 
 NUM_CLASSES = 10
 PATTERN = 8               # side of the low-resolution patterns
@@ -71,9 +71,12 @@ class SyntheticTwoCropLoader(TwoCropLoader):
     """`TwoCropLoader` over `cfg.synthetic_size` synthetic samples, made on `device`."""
 
     def __init__(self, cfg, *, batch_size: int, shard_id: int = 0, num_shards: int = 1,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, train: bool = True):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, train: bool = True,
+                 drop_last: bool | None = None):
         super().__init__(cfg, cfg.synthetic_size, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-                         device=device, dtype=dtype, train=train)
+                         device=device, dtype=dtype, train=train,
+                         plan=ShardPlan(cfg.synthetic_size, batch_size, shard_id=shard_id, num_shards=num_shards,
+                                        seed=cfg.seed, train=train, drop_last=drop_last))
         self.sizes = [c["size"] for c in augment_params(cfg)["crops"]]
 
     def _batches(self):

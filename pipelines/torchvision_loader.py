@@ -171,13 +171,13 @@ class TorchvisionTwoCropLoader(TwoCropLoader):
 
     def __init__(self, samples, cfg, *, batch_size: int, shard_id: int = 0,
                  num_shards: int = 1, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 train: bool = True, num_workers: int | None = None):
+                 train: bool = True, drop_last: bool | None = None, num_workers: int | None = None):
         # (path, label) list, or shards.ShardSamples; one read thread per worker process
         self.source = source = sample_source(samples, cfg.read_timeout, threads=1)
         super().__init__(cfg, len(source), batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
                          device=device, dtype=dtype, train=train,
                          plan=source.plan(batch_size, shard_id=shard_id, num_shards=num_shards, seed=cfg.seed,
-                                          train=train))
+                                          train=train, drop_last=drop_last))
         workers = cfg.num_threads if num_workers is None else num_workers
         self.dataset = TwoCropDataset(source, augment_params(cfg), cfg.seed, train, cfg.max_bad_fraction)
         pin = self.device.type == "cuda"

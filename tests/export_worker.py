@@ -83,4 +83,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from fastmoco.distributed import process_entry
+    process_entry(lambda argv: main())()   # ends like fastmoco's own entries (end_process)

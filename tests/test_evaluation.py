@@ -352,6 +352,26 @@ def test_knn_and_linear_commands_on_a_training_checkpoint(folders, tmp_path):
     assert "NOT the paper's protocol" in p.stdout
 
 
+@pytest.mark.slow
+def test_linear_knn_and_extraction_keep_a_split_smaller_than_one_batch(folders, tmp_path):
+    """fastmoco-linear at its official default batch (1024 per process) on 23 train images: main_lincls
+    keeps the last partial batch (drop_last=False), so does fastmoco (it refused: "no full batch of
+    1024"); kNN and extraction see every image of both splits at that batch."""
+    train, val = folders
+    train_1proc(tmp_path / "run", "--schedule.max_steps", "1", "--checkpoint.every_steps", "1")
+    common = ["--checkpoint", str(tmp_path / "run"), "--train", str(train), "--val", str(val),
+              "--backend", "torchvision", "--num-threads", "1"]
+    p = run([sys.executable, "-m", "fastmoco.evaluation.cli", "linear", *common, "--epochs", "2",
+             "--json", str(tmp_path / "lin.json")])
+    r = json.loads((tmp_path / "lin.json").read_text())
+    assert r["mode"] == "official" and 0 <= r["top1"] <= r["top5"] <= 100, p.stdout
+    assert r["train_images_per_epoch"] == 23, r     # the one partial batch, kept
+    p = run([sys.executable, "-m", "fastmoco.evaluation.cli", "knn", *common, "--batch-size", "1024", "--k", "1",
+             "--json", str(tmp_path / "knn.json")])
+    r = json.loads((tmp_path / "knn.json").read_text())
+    assert r["train_samples"] == 23 and r["val_samples"] == 13
+
+
 # -- bench entry and GPU ---------------------------------------------------------------------------------
 def test_evaluation_bench_smoke_runs_every_entry(tmp_path):
     import bench.evaluation as be

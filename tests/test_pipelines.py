@@ -84,6 +84,28 @@ def test_plan_eval_keeps_everything_in_order():
         ShardPlan(10, 16)
 
 
+@pytest.mark.parametrize("n,batch,shards", [(5, 8, 1), (23, 4, 2), (50, 7, 3)])
+def test_plan_training_order_with_drop_last_off_keeps_every_rank_s_partial_batch(n, batch, shards):
+    """The linear probe's training order (main_lincls: drop_last=False): shuffled per epoch, the last
+    partial batch kept, a split smaller than one batch still gives one; ranks stay in lockstep."""
+    plans = [ShardPlan(n, batch, shard_id=r, num_shards=shards, seed=3, drop_last=False) for r in range(shards)]
+    per_shard = n // shards
+    for epoch in (0, 1):
+        parts = [p.epoch_indices(epoch) for p in plans]
+        assert all(len(q) == per_shard for q in parts)
+        allidx = np.concatenate(parts)
+        assert len(set(allidx.tolist())) == per_shard * shards
+        batches = [[len(i) for _, _, i in DataCursor(p).batches(across_epochs=False)] for p in plans]
+        assert all(b == batches[0] for b in batches) and sum(batches[0]) == per_shard
+        assert all(x == batch for x in batches[0][:-1]) and 0 < batches[0][-1] <= batch
+    assert not np.array_equal(plans[0].shard_indices(0), plans[0].shard_indices(1))
+    # the first full global batches are those of the default (drop_last) order
+    dropping = ShardPlan(n, batch, seed=3, num_shards=shards, drop_last=True) if n >= batch * shards else None
+    if dropping is not None:
+        full = dropping.num_batches * batch
+        assert np.array_equal(dropping.epoch_indices(0), plans[0].epoch_indices(0)[:full])
+
+
 # --- folder scan --------------------------------------------------------------------------------
 
 def test_scan_skips_bad_files_with_warnings_and_keeps_imagefolder_labels(tmp_path):

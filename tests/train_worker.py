@@ -150,8 +150,9 @@ def run_main(mode, out, config, argv):
             return real_rmtree(path, *args, **kwargs)
 
         checkpoint.shutil.rmtree = rmtree
-    train.main(["--config", config, *argv])
+    train.main(["--config", config, *argv])   # an argv list: the function; the process ends below
 
 
 if __name__ == "__main__":
-    main()
+    from fastmoco.distributed import process_entry
+    process_entry(lambda argv: main())()   # ends like fastmoco's own entries (end_process)

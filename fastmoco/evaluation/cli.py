@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fastmoco.config import DataConfig
-from fastmoco.distributed import get_rank, get_world_size
+from fastmoco.distributed import get_rank, get_world_size, process_entry
 
 
 def _setup_distributed() -> torch.device:
@@ -92,6 +92,7 @@ def _write_json(path: str, result: dict) -> None:
         os.replace(tmp, path)
 
 
+@process_entry
 def knn_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fastmoco-knn", description="Weighted kNN accuracy of a frozen backbone "
                                 "(DINO's protocol: cosine similarity, votes exp(sim / T)).")
@@ -117,6 +118,7 @@ def knn_main(argv: list[str] | None = None) -> None:
                                 "world_size": get_world_size()})
 
 
+@process_entry
 def linear_main(argv: list[str] | None = None) -> None:
     from fastmoco.evaluation import linear as lin
 
@@ -147,8 +149,10 @@ def linear_main(argv: list[str] | None = None) -> None:
             # the official training views: RandomResizedCrop + flip, nothing else
             aug = replace(data, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=[0.0, 0.0],
                           solarize_prob=[0.0, 0.0], crop_min=0.08, flip_prob=0.5)
+            # main_lincls keeps the last partial batch (DataLoader's drop_last=False): a split smaller than
+            # one batch still trains; the linear layer has no batch statistics a small batch would upset.
             train_loader = train.loader(aug, batch_size=batch, image_size=size, device=device, dtype=dtype,
-                                        train=True)
+                                        train=True, drop_last=False)
             val_loader = val.loader(data, batch_size=batch, image_size=size, device=device, dtype=dtype)
             res = lin.train_linear_official(backbone, train_loader, val_loader,
                                             num_classes=train.num_classes or _labels_max(train) + 1,
@@ -170,6 +174,7 @@ def _labels_max(split) -> int:
     return max(label for _, label in scan_image_folder(split.path, split.file_list))
 
 
+@process_entry
 def export_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="fastmoco-export", description="Export a backbone for timm (safetensors) "
                                 "and the whole model in the official MoCo v3 layout.")
@@ -209,6 +214,7 @@ class _errors:
         return False
 
 
+@process_entry
 def main(argv: list[str] | None = None) -> None:
     """`python -m fastmoco.evaluation.cli knn|linear|export ...` (what torchrun launches)."""
     argv = sys.argv[1:] if argv is None else argv

@@ -79,14 +79,16 @@ class LabelledSplit:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes is not None else None
 
-    def loader(self, data_cfg, *, batch_size: int, image_size: int, device, dtype, train: bool = False):
+    def loader(self, data_cfg, *, batch_size: int, image_size: int, device, dtype, train: bool = False,
+               drop_last: bool | None = None):
         """The split through the training pipeline's evaluation transform (or, `train=True`, its
-        augmentation as set in `data_cfg`), sharded over the ranks."""
+        augmentation as set in `data_cfg`, shuffled each epoch), sharded over the ranks; `drop_last`
+        as in ShardPlan (default: `train`)."""
         from fastmoco.pipelines import build_loader
 
         cfg = replace(data_cfg, source=self.source, path=self.path, file_list=self.file_list, image_size=image_size)
         return build_loader(cfg, batch_size=batch_size, shard_id=get_rank(), num_shards=get_world_size(),
-                            device=device, dtype=dtype, train=train)
+                            device=device, dtype=dtype, train=train, drop_last=drop_last)
 
     def labels_of(self, labels: torch.Tensor) -> torch.Tensor:
         return labels if self.relabel is None else self.relabel.to(labels.device)[labels]

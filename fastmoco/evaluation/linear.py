@@ -100,6 +100,7 @@ def train_linear_official(backbone: nn.Module, train_loader, val_loader, *, num_
             group["lr"] = official_lr(epoch, epochs, init_lr)
         train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
+        seen = torch.zeros((), dtype=torch.int64, device=device)   # images trained on this epoch
         for x, *_, y in train_loader:  # the first view (more with local crops)
             with torch.no_grad(), torch.autocast(**autocast):
                 feats = backbone(x, head=False)
@@ -112,11 +113,14 @@ def train_linear_official(backbone: nn.Module, train_loader, val_loader, *, num_
                     p.grad /= world
             opt.step()
             loss_sum += loss.detach()
+            seen += y.numel()
         log(f"linear epoch {epoch + 1}/{epochs}: lr {opt.param_groups[0]['lr']:.4g}, "
             f"mean loss {loss_sum.item() / max(len(train_loader), 1):.4f}")
     top1, top5 = evaluate_classifier(backbone, head, val_loader, bf16=bf16, relabel=relabel_val)
     check_unchanged(before, backbone)
-    return LinearResult(top1, top5, init_lr, {"epochs": epochs})
+    if world > 1:
+        dist.all_reduce(seen)
+    return LinearResult(top1, top5, init_lr, {"epochs": epochs, "train_images_per_epoch": int(seen)})
 
 
 @torch.no_grad()
