@@ -5,12 +5,11 @@ interpreter cannot: configs the compiler rejects, register spills, shared memory
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from unittest import mock
 
 import torch
-from limits import HANG_S
+from limits import run_until_hang
 
 
 @contextlib.contextmanager
@@ -76,8 +75,8 @@ def compile_for_hopper(specs: list[dict]) -> list[dict]:
     {registers, spill_bytes, shared_bytes} from the cubin, or {error}.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], input=json.dumps(specs), capture_output=True,
-                          text=True, env=env, timeout=HANG_S)
+    proc = run_until_hang([sys.executable, "-c", _HOPPER_COMPILE], f"the sm_90 compile of {len(specs)} kernel(s)",
+                          input=json.dumps(specs), capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"the sm_90 compile run failed:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
 

@@ -4,13 +4,12 @@ The smoke run is not a measurement; it keeps every section's code working in CI.
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import triton
-from limits import HANG_S
+from limits import HANG_S, run_until_hang
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -116,8 +115,9 @@ def _write_run(path: Path, records: list[dict]) -> Path:
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=HANG_S, env=env)
+    return run_until_hang([sys.executable, str(REPO / "bench" / "throughput.py"), *args],
+                          f"bench/throughput.py {args[0]} (a saved run against a reference)", cwd=REPO,
+                          capture_output=True, text=True, env=env)
 
 
 def test_cli_update_then_check_a_saved_run(tmp_path):
@@ -149,8 +149,9 @@ def test_shipped_reference_file_is_valid():
 
 def test_smoke_run_has_every_section(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
-    p = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env=env)
+    p = run_until_hang([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--out", str(tmp_path)],
+                       "bench/throughput.py --smoke (every section on the CPU)", cwd=REPO, capture_output=True,
+                       text=True, env=env)
     out = p.stdout
     assert p.returncode == 0, out[-3000:] + p.stderr[-3000:]
     assert "SMOKE (CPU): not a measurement" in out.splitlines()[0]
@@ -210,12 +211,11 @@ def test_kernels_table_shows_tuning_choices():
 
 # -- step breakdown and largest-batch search (a Trainer per run: each in its own process) --------------
 
-def _in_process(code: str, timeout: int = HANG_S) -> dict:
+def _in_process(code: str, what: str) -> dict:
     """Run `code` (which ends by printing one JSON line) in a fresh interpreter: a Trainer initialises
-    torch.distributed for its process."""
+    torch.distributed for its process. `what` names it in the failure of a hang."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env=env)
+    p = run_until_hang([sys.executable, "-c", code], what, cwd=REPO, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
@@ -229,17 +229,18 @@ with ops.fused(**{op: "off" for op in ops.OPS}):
     originals = (t.model.update_momentum_encoder, t.engine.backward, t.engine.step, ops.symmetric_contrastive_loss)
     state_update = t.model.momentum_state.update
     def slow_ema(m):  # a known delay inside the EMA phase
-        time.sleep(0.05)
+        time.sleep(0.2)
         state_update(m)
     t.model.momentum_state.update = slow_ema
+    starts = []
     def slow_data(batches):  # and a known stall before each batch
-        for b in batches:
-            time.sleep(0.08)
-            yield b
+        while True:
+            starts.append(time.perf_counter())  # a step's data phase begins
+            time.sleep(0.3)
+            yield next(batches)
     batches = slow_data(model_step.device_batches(t, 4, 32))
-    t0 = time.perf_counter()
     res = breakdown.run_phases(t, batches, steps=3, warmup=1)
-    wall_ms = (time.perf_counter() - t0) * 1e3 / 4
+    wall_ms = (time.perf_counter() - starts[1]) * 1e3 / 3  # the 3 measured steps (after the warm-up)
     restored = (t.model.update_momentum_encoder, t.engine.backward, t.engine.step, ops.symmetric_contrastive_loss)
     print(json.dumps({**res, "wall_ms": wall_ms, "step": t.step,
                       "restored": [a == b for a, b in zip(originals, restored)]
@@ -248,14 +249,19 @@ with ops.fused(**{op: "off" for op in ops.OPS}):
 
 
 def test_breakdown_puts_known_delays_in_their_phases(tmp_path):
-    r = _in_process(BREAKDOWN_CHECK % tmp_path)
-    ms = r["phase_ms"]
+    r = _in_process(BREAKDOWN_CHECK % tmp_path, "the step breakdown of a tiny Trainer with planted delays")
+    ms, med = r["phase_ms"], r["phase_median_ms"]
     assert list(ms) == ["data", "online", "ema", "momentum", "loss", "backward", "optimizer", "logging"]
-    assert 80 <= ms["data"] < 80 + 40, ms  # the planted stall, and only it, is in the data phase
-    assert 50 <= ms["ema"] < 50 + 40, ms
+    # The planted stall (300 ms), and only it, is in the data phase; the planted EMA delay (200 ms) in the EMA
+    # phase. Each may run over by less than the other delay (150 ms: room for a busy machine's scheduling, none
+    # for the other delay counted in the wrong phase); medians of the 3 steps, so one late wake-up is no failure.
+    assert 300 <= med["data"] < 300 + 150, med
+    assert 200 <= med["ema"] < 200 + 150, med
     assert all(v >= 0 for v in ms.values()) and ms["online"] > 0 and ms["backward"] > 0
     assert r["step_ms"] == pytest.approx(sum(ms.values()))
-    assert r["step_ms"] <= r["wall_ms"]  # the phases tile the step: nothing counted twice
+    # the phases tile the measured steps: nothing counted twice (a planted delay counted twice adds 200 ms or more;
+    # the clocks differ by the moments between a marker and the data source's own timestamp)
+    assert r["step_ms"] < r["wall_ms"] + 100, r
     assert r["data_stall"] == pytest.approx(ms["data"] / r["step_ms"])
     assert r["step"] == 4  # warm-up + measured steps, each one Trainer step
     assert all(r["restored"])  # the markers leave the training step as it was
@@ -271,13 +277,13 @@ def device_batches(trainer, batch, img):  # memory for 5 images and no more
     return real(trainer, batch, img)
 model_step.device_batches = device_batches
 rec = model_step.max_batch("vit_test", img=32, dim=32, mlp_dim=64, device=torch.device("cpu"), smoke=True,
-                           start=2, limit=64, seconds=300, peak_tflops=None)
+                           start=2, limit=64, seconds=%d, peak_tflops=None)
 print(json.dumps(rec))
 """
 
 
 def test_max_batch_search_finds_the_largest_batch_that_fits():
-    r = _in_process(MAX_BATCH_CHECK)
+    r = _in_process(MAX_BATCH_CHECK % HANG_S, "the largest-batch search of a tiny Trainer")  # its budget: no limit
     assert r["status"] == "ok" and r["batch"] == 5, r
     assert r["metrics"]["first_oom_batch"] == 6
     assert [p.split(":")[0] for p in r["metrics"]["probes"]] == ["2", "4", "8", "6", "5"]
@@ -301,7 +307,7 @@ with tempfile.TemporaryDirectory() as out:
 def test_bench_trainer_steps_under_zero3_in_process():
     """The bench builds the Trainer in its own process (no launcher): DeepSpeed's ZeRO-3 reads the
     rendezvous variables during the step, not only at build (the H200 run's KeyError 'LOCAL_RANK')."""
-    r = _in_process(ZERO3_TRAINER_CHECK)
+    r = _in_process(ZERO3_TRAINER_CHECK, "two ZeRO-3 Trainer steps built as the bench builds them")
     assert r == {"step": 2, "stage": 3}, r
 
 
@@ -351,7 +357,7 @@ print(json.dumps(res))
 
 def test_optimizer_phase_table_holds_only_what_runs_inside_engine_step(tmp_path):
     """The forward and backward run matmuls too; only the one planted inside engine.step may count."""
-    r = _in_process(PHASE_CHECK % tmp_path)
+    r = _in_process(PHASE_CHECK % tmp_path, "the optimizer phase's kernel table of a tiny Trainer")
     calls = {k["name"]: k["calls_per_step"] for k in r["top"]}
     assert calls.get("aten::mm") == 1.0, r["top"]
     assert r["phase"] == "optimizer" and r["host_ms_per_step"] >= r["work_ms_per_step"] > 0, r

@@ -37,7 +37,8 @@ def trained(tmp_path_factory, cases=CASES + BF16_CASES):
 
 def run_worker(mode, root, cases):
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
-         WORKER, mode, str(root), *cases], timeout=900)
+         WORKER, mode, str(root), *cases],
+        what=f"export worker ({mode}: {len(cases)} case(s), 2 gloo ranks under torchrun)")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 from fastmoco import ops
 from fastmoco.models.vit import VisionTransformer
 from fastmoco.moco import MoCo
-from limits import HANG_S
+from limits import run_until_hang
 
 ALL_ON = dict(attention="on", layernorm="on", contrastive="on", ema="on")
 ALL_OFF = dict(attention="off", layernorm="off", contrastive="off", ema="off")
@@ -210,13 +210,13 @@ def test_use_fused_answers_what_runs(monkeypatch):
 
 def test_model_imports_without_triton():
     """The model, the MoCo module and the switch import where Triton cannot be imported."""
-    import subprocess
     import sys
 
     code = ("import sys; sys.modules['triton'] = None\n"
             "import fastmoco.models.vit, fastmoco.moco, fastmoco.ops\n"
             "try:\n    import triton\nexcept ImportError:\n    print('no triton')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_S)
+    out = run_until_hang([sys.executable, "-c", code], "an interpreter importing the model with Triton blocked",
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "no triton"
 

@@ -16,7 +16,6 @@ Run as a script, this file is the DeepSpeed worker (alone or under torchrun):
 """
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -24,6 +23,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn as nn
+from limits import run_until_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
@@ -279,8 +279,9 @@ def _run_worker(tmp_path, stages, procs) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", _free_port()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)   # the references (the kernels have their own tests)
-    p = subprocess.run([*launch, __file__, str(out), *map(str, stages)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
+    p = run_until_hang([*launch, __file__, str(out), *map(str, stages)],
+                       f"golden DINO training worker ({procs} process(es), ZeRO stage(s) {stages})",
+                       cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode:
         raise AssertionError(f"worker failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return torch.load(out, weights_only=False)

@@ -5,12 +5,12 @@ checkpoints (`model.init_from`), the same images; the lr and momentum of each st
 of every parameter, and the online weights, momentum encoder and BatchNorm statistics after each step.
 The Trainer (DeepSpeed, ZeRO-0, fp32) runs in its own process: tests/golden/trainer_step.py."""
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from limits import run_until_hang
 
 from fastmoco.moco import MoCo
 from golden import tensors
@@ -32,8 +32,9 @@ def trainer_run(tmp_path_factory):
     # their own tests)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, str(WORKER), str(out), *CASES], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
+    p = run_until_hang([sys.executable, str(WORKER), str(out), *CASES],
+                       f"{WORKER.name}: two golden MoCo v3 steps of {', '.join(CASES)} (1 process)",
+                       cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise AssertionError(f"{WORKER.name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return torch.load(out, weights_only=True)

@@ -7,7 +7,6 @@ Run as a script, this file is the worker of the DeepSpeed test (under torchrun o
 import json
 import os
 import socket
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from fastmoco.momentum import MomentumState, assemble
 from fastmoco.moco import MoCo
-from limits import HANG_S
+from limits import run_until_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.json")
@@ -141,10 +140,10 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run(cmd, env=None):
+def _run(cmd, what, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     env.pop("TRITON_INTERPRET", None)  # the EMA's torch path; the kernel has its own tests
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
+    p = run_until_hang(cmd, what, cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
 
@@ -176,7 +175,8 @@ def _check_trajectory(tmp_path, stage, procs, extra, env=None):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", _free_port()]
     out = tmp_path / "result.json"
     _run([*launch, __file__, str(out), "--logging.out_dir", str(tmp_path), "--deepspeed.zero_optimization.stage",
-          str(stage), "--deepspeed.train_micro_batch_size_per_gpu", str(8 // procs), *extra], env)
+          str(stage), "--deepspeed.train_micro_batch_size_per_gpu", str(8 // procs), *extra],
+         f"bf16 EMA trajectory worker (ZeRO-{stage}, {procs} process(es))", env)
     r = json.loads(out.read_text())
     assert r["optimizer"] == ("BF16_Optimizer" if extra else {0: "FP16_UnfusedOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
                               .get(stage, "DeepSpeedZeroOptimizer"))

@@ -10,13 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from limits import communicate_until_hang, run_until_hang, wait_until
 
 from test_train import COMMON, ROOT, TINY, WORKER, free_port, losses, run
 
@@ -25,7 +25,7 @@ TRAIN = str(ROOT / "fastmoco" / "train.py")
 
 def train(out_dir, *args, check=True):
     return run([sys.executable, TRAIN, "--config", TINY, "--logging.out_dir", str(out_dir), *COMMON, *args],
-               check=check)
+               check=check, what="training run (fastmoco/train.py, 1 process)")
 
 
 def steps_logged(out_dir):
@@ -262,15 +262,17 @@ def test_4_allow_change_accepts_a_longer_schedule(run8, tmp_path):
 
 
 # -- 6: signals and a dying launcher -------------------------------------------------------------------
-def _wait_for(path, proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+def _wait_for(path, proc, log=None):
+    """The pid a worker writes to `path` at its hook point (tests/train_worker.py), once it is there;
+    `log`: the file the worker writes its output to, if not to pipes."""
+    def there():
         if proc.poll() is not None:
             out, err = proc.communicate()
-            raise AssertionError(f"worker ended before {path.name}:\n{out[-2000:]}\n{err[-4000:]}")
-        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
-        time.sleep(0.1)
-    time.sleep(0.2)   # the pid is written before the wait loop starts
+            out = Path(log).read_text() if log is not None else out
+            raise AssertionError(f"worker ended before {path.name}:\n{out[-4000:]}\n{(err or '')[-4000:]}")
+        return path.exists() and path.read_text().strip().isdigit()   # the whole pid, not a file half written
+
+    wait_until(there, f"the worker to reach its hook point (its pid in {path.name})")
     return int(path.read_text())
 
 
@@ -282,9 +284,9 @@ def _popen(cmd, log=None):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if log else out, text=True)
 
 
-def _wait_all(procs, logs, timeout=300):
-    for proc, log in zip(procs, logs):
-        proc.wait(timeout=timeout)
+def _wait_all(procs, logs, what):
+    for n, (proc, log) in enumerate(zip(procs, logs)):
+        communicate_until_hang(proc, f"{what}: process {n}", log=log)
         assert proc.returncode == 0, Path(log).read_text()[-4000:]
 
 
@@ -296,7 +298,8 @@ def test_6_signal_saves_at_the_next_step_and_exits_0_one_process(baseline, tmp_p
     proc = _popen([sys.executable, WORKER, "wait-at:3", str(marker), TINY, "--logging.out_dir", str(out), *COMMON,
                    "--schedule.max_steps", "12"])
     os.kill(_wait_for(Path(f"{marker}.rank0"), proc), sig)   # while step 4 is about to run
-    stdout, stderr = proc.communicate(timeout=180)
+    stdout, stderr = communicate_until_hang(proc, f"training worker (1 process) sent {sig.name} at step 3, "
+                                                  "which should save at step 4 and exit")
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
     ckpt = out / "checkpoints" / "step_00000004"
@@ -323,7 +326,8 @@ def test_6_sigterm_to_one_of_two_ranks_stops_both_at_the_agreed_step(baseline, t
     marker = tmp_path / "wait"
     proc = _torchrun(marker, out)
     os.kill(_wait_for(Path(f"{marker}.rank0"), proc), signal.SIGTERM)   # rank 1 gets no signal
-    stdout, stderr = proc.communicate(timeout=180)
+    stdout, stderr = communicate_until_hang(proc, "training worker (2 gloo ranks under torchrun), rank 0 sent "
+                                                  "SIGTERM at step 3, which should save at step 4 and exit")
     assert proc.returncode == 0, stderr[-3000:]
     ckpt = out / "checkpoints" / "step_00000004"
     # signalled during step 3; ranks agree every 2 steps (check_finite_every): both stop after step 4
@@ -343,11 +347,9 @@ def test_6_ranks_save_and_exit_when_their_launcher_is_killed(tmp_path):
     proc = _torchrun(marker, out)
     pids = [_wait_for(Path(f"{marker}.rank{r}"), proc) for r in (0, 1)]
     proc.kill()          # SIGKILL: the launcher cannot forward anything
-    proc.wait(timeout=60)
-    deadline = time.monotonic() + 120
-    while any(Path(f"/proc/{pid}").exists() for pid in pids):
-        assert time.monotonic() < deadline, "ranks still running 120 s after their launcher died"
-        time.sleep(0.2)
+    proc.wait()          # (gone at once: nothing of its own runs after SIGKILL)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids),
+               "the 2 ranks of a SIGKILLed torchrun to save and exit")
     ckpt = out / "checkpoints" / "step_00000004"
     assert (ckpt / "COMPLETE").is_file(), sorted(p.name for p in (out / "checkpoints").iterdir())
     from fastmoco.checkpoint import problems
@@ -397,8 +399,8 @@ def test_7_config_errors_name_the_key_without_a_traceback(tmp_path, args, expect
 @pytest.mark.slow
 def test_7_disk_full_names_the_path_removes_the_staging_dir_and_keeps_the_previous_checkpoint(tmp_path):
     """A 5 MiB tmpfs (a checkpoint of the tiny model is ~3 MiB) mounted in a user namespace."""
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+    if shutil.which("unshare") is None or run_until_hang(
+            ["unshare", "-rm", "true"], "unshare -rm true (a user+mount namespace)", capture_output=True).returncode:
         pytest.skip("no unprivileged user+mount namespace (unshare -rm) to mount a small tmpfs in")
     mnt, keep = tmp_path / "mnt", tmp_path / "copy"
     mnt.mkdir()
@@ -406,7 +408,8 @@ def test_7_disk_full_names_the_path_removes_the_staging_dir_and_keeps_the_previo
            "--schedule.max_steps", "6", "--checkpoint.every_steps", "2"]
     script = (f"mount -t tmpfs -o size=5m tmpfs {mnt} && {{ {' '.join(cmd)}; echo $? > {tmp_path / 'rc'}; }}; "
               f"cp -a {mnt / 'run'} {keep}")
-    p = run(["unshare", "-rm", "sh", "-c", script], check=False)
+    p = run(["unshare", "-rm", "sh", "-c", script], check=False,
+            what="training run (fastmoco/train.py) on a 5 MiB tmpfs in a user+mount namespace")
     assert (tmp_path / "rc").read_text().strip() == "1", p.stderr[-3000:]
     msg = p.stderr.strip().splitlines()[-1]
     assert msg.startswith(f"fastmoco: no space left on device while saving {mnt / 'run' / 'checkpoints'}/step_")
@@ -469,7 +472,7 @@ def test_10_two_nodes_shard_the_data_save_and_resume(baseline, tmp_path):
                          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port, *script,
                          TINY, "--logging.out_dir", str(out), *COMMON,
                          "--deepspeed.train_micro_batch_size_per_gpu", "4", *args], log) for n, log in zip((0, 1), logs)]
-        _wait_all(procs, logs)
+        _wait_all(procs, logs, f"{Path(script[0]).name} on 2 nodes (torchrun --nnodes 2, 1 rank each)")
 
     nodes([WORKER, "fit-ranks", str(tmp_path / "dump")], "--schedule.max_steps", "4")
     ranks = [json.loads(Path(f"{tmp_path / 'dump'}.rank{r}.json").read_text()) for r in (0, 1)]

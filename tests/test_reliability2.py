@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from limits import HANG_S, communicate_until_hang, run_until_hang, wait_until
 
 from test_reliability import (TRAIN, _damage_middle, _jpeg_folder, _popen, _wait_for, ckpt_names, copy_run,
                               steps_logged, train)
@@ -32,11 +33,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_gone(pids, timeout, what):
-    deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"{what}: still running after {timeout} s"
-        time.sleep(0.2)
+def _wait_gone(pids, what):
+    wait_until(lambda: not any(_alive(p) for p in pids), what, every=0.2)
 
 
 def _waiting_run(out, marker, *args):
@@ -69,17 +67,18 @@ def test_1_a_second_run_in_a_live_out_dir_is_refused_naming_the_holder_on_every_
     assert holder in second.stderr.strip().splitlines()[-1]
     over = train(out, "--overwrite", "--schedule.max_steps", "4", check=False)   # must not delete a live run
     assert over.returncode == 1 and holder in over.stderr and "removed" not in over.stdout
-    # two ranks: rank 0 is refused and rank 1 with it (no hang in the rendezvous of the next collective)
-    t0 = time.monotonic()
+    # two ranks: rank 0 is refused and rank 1 with it (no hang in the rendezvous of the next collective: a rank
+    # left waiting there fails as a hang, and without its own refusal below)
     two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                TRAIN, "--config", TINY, "--logging.out_dir", str(out), *COMMON, "--resume", "auto",
-               "--deepspeed.train_micro_batch_size_per_gpu", "4"], check=False, timeout=180)
-    assert two.returncode != 0 and time.monotonic() - t0 < 120
+               "--deepspeed.train_micro_batch_size_per_gpu", "4"], check=False,
+              what="a second training run (2 gloo ranks under torchrun) in a live out_dir, which both ranks refuse")
+    assert two.returncode != 0
     assert two.stderr.count(holder) == 2, two.stderr[-4000:]   # each rank says why
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before   # nothing touched
 
     os.kill(pid, signal.SIGTERM)
-    _, err = live.communicate(timeout=180)
+    _, err = communicate_until_hang(live, "the live training run sent SIGTERM, which should save and exit")
     assert live.returncode == 0, err[-3000:]
     p = train(out, "--resume", "auto", "--schedule.max_steps", "4")   # the lock went with its run
     assert "resumed from" in p.stdout and steps_logged(out) == [1, 2, 3, 4]
@@ -94,10 +93,10 @@ def test_1_the_lock_goes_with_its_process_even_under_sigkill_and_not_with_a_fork
         lock = RunLock({str(tmp_path)!r})
         child = os.fork()
         if child == 0:            # a loader worker: lives on after its parent is killed
-            time.sleep(60)
+            time.sleep({HANG_S})
             os._exit(0)
         print(child, flush=True)
-        time.sleep(60)
+        time.sleep({HANG_S})      # both outlive the checks below, however slow; the test kills them
     """)
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
@@ -119,7 +118,7 @@ def test_7_debris_of_interrupted_saves_is_removed_at_the_next_start_saying_what(
     ckpt = out / "checkpoints"
     p = run([sys.executable, WORKER, "kill-in-staging:6", str(tmp_path / "unused"), TINY, "--logging.out_dir",
              str(out), *COMMON, "--resume", "auto", "--schedule.max_steps", "8", "--checkpoint.every_steps", "2"],
-            check=False)
+            check=False, what="training worker that SIGKILLs itself while saving step 6")
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     staged = ckpt / ".staging" / "step_00000006"
     assert any(staged.iterdir())             # DeepSpeed's files of the interrupted save
@@ -213,10 +212,10 @@ def test_2_sigterm_to_the_launcher_saves_and_every_rank_exits(tmp_path, launcher
     top = _popen([*LAUNCHERS[launcher](), WORKER, "wait-at:2", str(marker), TINY, "--logging.out_dir", str(out),
                   *COMMON, "--logging.check_finite_every", "2", "--deepspeed.train_micro_batch_size_per_gpu", "4",
                   "--schedule.max_steps", "12"], log=tmp_path / "log")
-    ranks = [_wait_for(Path(f"{marker}.rank{r}"), top) for r in (0, 1)]
+    ranks = [_wait_for(Path(f"{marker}.rank{r}"), top, log=tmp_path / "log") for r in (0, 1)]
     top.send_signal(signal.SIGTERM)
-    _wait_gone(ranks, 120, f"ranks of {launcher}")
-    top.wait(timeout=60)
+    _wait_gone(ranks, f"the 2 ranks under {launcher} sent SIGTERM to save and exit")
+    communicate_until_hang(top, f"{launcher} after its ranks exited", log=tmp_path / "log")
     log = (tmp_path / "log").read_text()
     ckpt = out / "checkpoints" / "step_00000004"   # waiting before step 3; ranks agree every 2 steps
     assert (ckpt / "COMPLETE").is_file(), log[-4000:]
@@ -240,15 +239,15 @@ def test_2_launchers_are_recognised_from_their_command_lines():
 
 
 # -- 4: a FIFO in the data folder, reads that hang, workers that outlive their run ---------------------------
-def _bounded(fn, timeout=60):
-    """fn() in a daemon thread: its result, or a failure if it has not returned in `timeout` s."""
+def _bounded(fn, what):
+    """fn() in a daemon thread: its result, or a failure naming `what` if it has not returned in HANG_S."""
     box = {}
     t = threading.Thread(target=lambda: box.update(result=fn()), daemon=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.start()
-        t.join(timeout)
-    assert not t.is_alive(), f"still waiting after {timeout} s"
+        t.join(HANG_S)
+    assert not t.is_alive(), f"{what} still running after {HANG_S} s: a hang"
     return box["result"], "\n".join(str(w.message) for w in caught)
 
 
@@ -256,7 +255,8 @@ def test_4_a_fifo_in_the_data_folder_is_named_and_skipped_by_the_scan(tmp_path):
     from fastmoco.pipelines import scan_image_folder
     _jpeg_folder(tmp_path, 4, seed=2)
     os.mkfifo(tmp_path / "a" / "pipe.jpg")
-    samples, text = _bounded(lambda: scan_image_folder(tmp_path, max_bad_fraction=0.5))
+    samples, text = _bounded(lambda: scan_image_folder(tmp_path, max_bad_fraction=0.5),
+                             "the scan of a data folder holding a FIFO")
     assert [Path(p).name for p, _ in samples] == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
     assert f"skipping {tmp_path / 'a' / 'pipe.jpg'}: unreadable (not a regular file: a FIFO)" in text
 
@@ -274,7 +274,8 @@ def test_4_a_file_replaced_by_a_fifo_mid_run_is_named_and_replaced(tmp_path, bac
     victim = tmp_path / "a" / "5.jpg"
     victim.unlink()
     os.mkfifo(victim)                         # after the scan
-    batches, text = _bounded(lambda: [v1.shape for v1, *_ in loader])
+    batches, text = _bounded(lambda: [v1.shape for v1, *_ in loader],
+                             f"an epoch of the {backend} loader over a folder where a file became a FIFO")
     assert batches == [(4, 3, 16, 16)] * 2
     assert f"skipping {victim}: unreadable (not a regular file: a FIFO)" in text
 
@@ -285,13 +286,15 @@ def test_4_a_read_that_blocks_past_the_timeout_names_the_file(tmp_path, monkeypa
     for f in files:
         f.write_bytes(b"x" * 10)
     real, release = folder.read_file, threading.Event()
-    monkeypatch.setattr(folder, "read_file", lambda p: release.wait() and real(p) if Path(p).name == "1.bin"
+    # (a reader that ignores its timeout gets 1.bin after HANG_S, and fails below, rather than hangs)
+    monkeypatch.setattr(folder, "read_file", lambda p: release.wait(HANG_S) and real(p) if Path(p).name == "1.bin"
                         else real(p))
     reader = folder.FileReader(num_threads=2, timeout=0.5)
     t0 = time.monotonic()
     with pytest.raises(DatasetError, match=f"reading {files[1]} has not returned after 0.5 s"):
         reader.read([str(f) for f in files])
-    assert time.monotonic() - t0 < 5
+    took = time.monotonic() - t0   # its 0.5 s, plus scheduling on a busy machine: far below the default 300 s
+    assert took < 0.5 + 30, f"FileReader(timeout=0.5) gave up on a hung read after {took:.1f} s, not 0.5 s"
     release.set()
     assert [len(x) for x in reader.read([str(files[0]), str(files[2])])] == [10, 10]
     missing = reader.read([str(tmp_path / "gone.bin")])[0]
@@ -305,7 +308,8 @@ def test_4_a_hung_read_stops_the_run_naming_the_file(tmp_path):
     p = run([sys.executable, WORKER, "hang-read:3.jpg", str(tmp_path / "unused"), TINY, "--logging.out_dir",
              str(tmp_path / "run"), *COMMON, "--data.source", "folder", "--data.path", str(data), "--data.backend",
              "dali", "--data.num_threads", "1", "--data.read_timeout", "3",
-             "--deepspeed.train_micro_batch_size_per_gpu", "4", "--schedule.max_steps", "8"], check=False, timeout=240)
+             "--deepspeed.train_micro_batch_size_per_gpu", "4", "--schedule.max_steps", "8"], check=False,
+            what="training worker whose read of 3.jpg never returns (data.read_timeout 3 s)")
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     last = p.stderr.strip().splitlines()[-1]
     assert "reading " in last and "3.jpg has not returned after 3 s (data.read_timeout)" in last
@@ -314,6 +318,7 @@ def test_4_a_hung_read_stops_the_run_naming_the_file(tmp_path):
 
 @pytest.mark.slow
 def test_4_sigterm_stops_a_run_that_waits_for_data(tmp_path):
+    from fastmoco.preemption import DATA_WAIT_GRACE_S
     data, marker = tmp_path / "data", tmp_path / "hang"
     _jpeg_folder(data, 8, seed=5, classes=("a", "b"))
     proc = _popen([sys.executable, WORKER, "hang-decode-at:2", str(marker), TINY, "--logging.out_dir",
@@ -323,8 +328,12 @@ def test_4_sigterm_stops_a_run_that_waits_for_data(tmp_path):
     pid = _wait_for(Path(f"{marker}.rank0"), proc)
     t0 = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and time.monotonic() - t0 < 60 and "Traceback" not in err, err[-3000:]
+    _, err = communicate_until_hang(proc, "training worker sent SIGTERM while its decode never returns")
+    took = time.monotonic() - t0
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    # the wait ends after DATA_WAIT_GRACE_S (10 s); the rest is the process's exit, slow on a busy machine
+    assert took < DATA_WAIT_GRACE_S + 80, f"the run ended {took:.0f} s after SIGTERM, expected the data wait's " \
+        f"grace ({DATA_WAIT_GRACE_S:g} s) and an exit"
     last = err.strip().splitlines()[-1]
     assert last.startswith("fastmoco: stopped by SIGTERM while waiting ") and "s for the next batch; not saved" \
         in last and last.endswith(str(tmp_path / "run" / "checkpoints" / "step_00000003"))
@@ -345,16 +354,18 @@ def test_4_a_loader_worker_dies_with_its_run_even_under_sigkill(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     import psutil
-    deadline = time.monotonic() + 60
-    while not psutil.Process(proc.pid).children():
-        assert time.monotonic() < deadline and proc.poll() is None, "no loader worker started"
-        time.sleep(0.1)
+
+    def started():
+        assert proc.poll() is None, "the run ended before its loader worker started"
+        return psutil.Process(proc.pid).children()
+
+    wait_until(started, "the run's loader worker to start")
     time.sleep(2)   # the worker is in its read
     workers = [c.pid for c in psutil.Process(proc.pid).children()]
     proc.kill()
     proc.wait()
     try:
-        _wait_gone(workers, 10, "the loader worker of a killed run")
+        _wait_gone(workers, "the loader worker of a SIGKILLed run to die with it")
     finally:
         for pid in workers:
             if _alive(pid):
@@ -366,7 +377,7 @@ def test_4_a_stop_request_ends_a_wait_for_data_that_never_ends():
 
     def loader():
         yield 1
-        threading.Event().wait()     # the second batch never comes
+        threading.Event().wait(HANG_S)     # the second batch never comes (a wait never ended: DID NOT RAISE)
 
     preempt = Preemption(data_grace=0.5).install()
     try:
@@ -376,7 +387,11 @@ def test_4_a_stop_request_ends_a_wait_for_data_that_never_ends():
         with pytest.raises(DataWaitInterrupted, match=r"SIGTERM while waiting \d+ s for the next batch"):
             for batch in preempt.batches(loader()):
                 got.append(batch)
-        assert got == [1] and time.monotonic() - t0 < 5 and preempt.received == "SIGTERM"
+        took = time.monotonic() - t0
+        assert got == [1] and preempt.received == "SIGTERM"
+        # 0.3 s to the signal and the 0.5 s grace; room for a busy machine's scheduling, but below the default
+        # grace (DATA_WAIT_GRACE_S, 10 s): a data_grace not honoured still fails
+        assert took < 0.3 + 0.5 + 7, f"the wait ended {took:.1f} s after it began, expected 0.3 s + 0.5 s grace"
         # a request while batches do come changes nothing: the step boundary acts on it
         assert list(preempt.batches(iter([1, 2, 3]))) == [1, 2, 3]
     finally:
@@ -534,8 +549,9 @@ def test_12_a_cpu_run_compiles_no_deepspeed_op(tmp_path):
     ext = tmp_path / "torch_extensions"
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, TRAIN, "--config", TINY, "--logging.out_dir", str(tmp_path / "run"), *COMMON,
-                        "--schedule.max_steps", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_until_hang([sys.executable, TRAIN, "--config", TINY, "--logging.out_dir", str(tmp_path / "run"), *COMMON,
+                        "--schedule.max_steps", "1"], "a one-step training run (fastmoco/train.py) on the CPU",
+                       cwd=ROOT, env=env, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "shm_comm" not in p.stdout + p.stderr
     assert not ext.exists() or not any(ext.rglob("*.so")), sorted(ext.rglob("*"))

@@ -8,7 +8,6 @@ import html
 import io
 import json
 import shutil
-import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from limits import run_until_hang
 
 from fastmoco.evaluation.monitor import NEIGHBOURS, QUERIES
 from fastmoco.evaluation.report import ReportError, build_report, main, metric_series, read_records
@@ -97,7 +97,7 @@ def trained(request, folders, tmp_path_factory):
              "--logging.out_dir", str(out), "--logging.log_every", "1", "--logging.check_finite_every", "1",
              "--logging.tensorboard", "true", "--schedule.max_steps", str(STEPS), "--eval.train_path", str(train),
              "--eval.val_path", str(val), "--eval.at_start", "true", "--eval.backend", "torchvision",
-             "--eval.k", "[1, 3]"])
+             "--eval.k", "[1, 3]"], what=f"{request.param} training run with kNN evaluations (fastmoco/train.py)")
     return request.param, out, p.stdout
 
 
@@ -178,9 +178,9 @@ def test_a_browser_renders_the_report(trained, tmp_path):
     if browser is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
     shot = tmp_path / "shot.png"
-    p = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+    p = run_until_hang([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html").as_uri()],
-                       capture_output=True, text=True, timeout=120)
+                       "headless chromium taking a screenshot of report.html", capture_output=True, text=True)
     assert shot.is_file(), p.stderr[-2000:]
     picture = np.asarray(Image.open(shot).convert("RGB")).astype(np.float64)
     assert picture.shape[:2] == (2400, 1200)

@@ -3,7 +3,6 @@ loaders, resume, damage, evaluation and training on them (pipelines/shards.py, m
 import json
 import os
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import run_until_hang
 
 from fastmoco.config import DataConfig
 from fastmoco.pipelines import BadImageWarning, DatasetError, build_loader
@@ -60,7 +60,9 @@ def test_index_files_equal_dalis_wds2idx_and_its_reader_gets_our_samples(demo, t
         pytest.skip("DALI's wds2idx is not installed")
     src = ShardSamples(demo / "shards")
     for tar in src.shards:
-        subprocess.run([str(wds2idx), str(tar), str(tmp_path / "dali.idx")], check=True, capture_output=True)
+        p = run_until_hang([str(wds2idx), str(tar), str(tmp_path / "dali.idx")], f"DALI's wds2idx on {tar.name}",
+                           capture_output=True)
+        assert p.returncode == 0, p.stderr[-3000:]
         assert (tmp_path / "dali.idx").read_text() == tar.with_suffix(".idx").read_text(), tar
     from nvidia.dali import fn, pipeline_def
 
@@ -330,8 +332,8 @@ def _train_env():
     return env
 
 
-def _run(cmd):
-    p = subprocess.run(cmd, cwd=ROOT, env=_train_env(), capture_output=True, text=True, timeout=300)
+def _run(cmd, what):
+    p = run_until_hang(cmd, what, cwd=ROOT, env=_train_env(), capture_output=True, text=True)
     assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
@@ -349,7 +351,8 @@ def test_training_on_shards_resumes_mid_epoch_to_the_uninterrupted_losses(demo, 
     assert "data: 24 samples in" in p.stdout and "0 samples per epoch are left out" in p.stdout
     train_1proc(part, "--schedule.max_steps", "2", *data)             # stops mid-epoch 0
     p = _run([sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY, "--resume", "auto",
-              "--logging.out_dir", str(part), "--schedule.max_steps", "5", *COMMON, *data])
+              "--logging.out_dir", str(part), "--schedule.max_steps", "5", *COMMON, *data],
+             "training run on shards resumed from step 2 (fastmoco/train.py, 1 process)")
     assert "resumed from" in p.stdout and "step_00000002" in p.stdout
     one, two = losses(whole), losses(part)
     assert sorted(two) == list(range(1, 6)) and all(np.isfinite(list(one.values())))
@@ -366,7 +369,8 @@ def test_training_on_shards_with_two_gloo_ranks_reads_each_sample_once(demo, tmp
               WORKER, "fit-ranks", str(dump), TINY, "--logging.out_dir", str(out), *COMMON,
               "--deepspeed.train_micro_batch_size_per_gpu", "4", "--schedule.max_steps", "3",
               "--data.source", "shards", "--data.path", str(demo / "shards"), "--data.backend", "torchvision",
-              "--data.num_threads", "0", "--data.shuffle_buffer", "6"])
+              "--data.num_threads", "0", "--data.shuffle_buffer", "6"],
+             "training worker on shards (fit-ranks, 2 gloo ranks under torchrun)")
     assert "over 2 rank(s): 3 batches of 4 per rank and epoch; 0 samples per epoch are left out" in p.stdout
     recs = [json.loads(Path(f"{dump}.rank{r}.json").read_text()) for r in range(2)]
     assert [(r["shard_id"], r["num_shards"]) for r in recs] == [(0, 2), (1, 2)]

@@ -4,12 +4,12 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from limits import run_until_hang
 
 from fastmoco.config import ConfigError, load_config
 from fastmoco.train import resolve_deepspeed_config
@@ -20,10 +20,11 @@ WORKER = str(ROOT / "tests" / "train_worker.py")
 COMMON = ["--logging.log_every", "1", "--logging.check_finite_every", "1", "--logging.tensorboard", "false"]
 
 
-def run(cmd, check=True, timeout=300):
+def run(cmd, check=True, what="a subprocess"):
+    """cmd from the repository root, allowed HANG_S; `what` names it in the failure of a hang."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # the reference path; the kernels have their own tests
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    p = run_until_hang(cmd, what, cwd=ROOT, env=env, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
@@ -31,7 +32,7 @@ def run(cmd, check=True, timeout=300):
 
 def train_1proc(out_dir, *overrides, mode="fit", dump=None):
     return run([sys.executable, WORKER, mode, str(dump or out_dir / "dump.pt"), TINY,
-                "--logging.out_dir", str(out_dir), *COMMON, *overrides])
+                "--logging.out_dir", str(out_dir), *COMMON, *overrides], what=f"training worker ({mode}, 1 process)")
 
 
 def free_port():
@@ -43,7 +44,8 @@ def free_port():
 def train_2proc(out_dir, *overrides):
     return run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
                 WORKER, "fit", str(out_dir / "dump.pt"), TINY, "--logging.out_dir", str(out_dir), *COMMON,
-                "--deepspeed.train_micro_batch_size_per_gpu", "4", *overrides])
+                "--deepspeed.train_micro_batch_size_per_gpu", "4", *overrides],
+               what="training worker (fit, 2 gloo ranks under torchrun)")
 
 
 def losses(out_dir):
@@ -96,7 +98,7 @@ def test_resume_reproduces_the_uninterrupted_run(baseline, tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
     cmd = [sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY, "--resume", "auto",
            "--logging.out_dir", str(tmp_path), "--schedule.max_steps", "12", *COMMON]
-    p = run(cmd)
+    p = run(cmd, what="training run resumed from step 6 (fastmoco/train.py, 1 process)")
     assert "resumed from" in p.stdout and "step_00000006" in p.stdout
     one, two = losses(baseline), losses(tmp_path)
     assert sorted(two) == list(range(1, 13))
@@ -121,7 +123,7 @@ def test_dali_resume_reproduces_the_uninterrupted_run(tmp_path):
     train_1proc(part, "--schedule.max_steps", "2", *data)         # stops mid-epoch 0, checkpoint at step 2
     cmd = [sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY, "--resume", "auto",
            "--logging.out_dir", str(part), "--schedule.max_steps", "7", *COMMON, *data]
-    p = run(cmd)
+    p = run(cmd, what="training run on DALI resumed from step 2 (fastmoco/train.py, 1 process)")
     assert "resumed from" in p.stdout and "step_00000002" in p.stdout
     one, two = losses(whole), losses(part)
     assert sorted(two) == list(range(1, 8))
@@ -161,7 +163,8 @@ def test_deepspeed_batch_config_resolves_micro_batch_and_bf16():
 
 def train_cli(tmp_path, *overrides):
     return run([sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY,
-                "--logging.out_dir", str(tmp_path / "run"), *COMMON, *overrides], check=False)
+                "--logging.out_dir", str(tmp_path / "run"), *COMMON, *overrides], check=False,
+               what="training run (fastmoco/train.py, 1 process)")
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ MODE: fit        train; rank 0 saves both encoders (gathered) and ZeRO shard siz
       crash-save train; then a save that fails midway; then resume from what is left
       fit-ranks  train; every rank writes OUT.rank<R>.json: rank, LOCAL_RANK, its shard of epoch 0
       wait-at:K  fastmoco.train.main; when K steps are done every rank writes OUT.rank<R> (its pid),
-                 and rank 0 waits there until it receives a signal (the tests send it)
+                 and rank 0 waits there until it receives a signal (the tests send it; none in
+                 HANG_S: exits 1)
       kill-in-resave  fastmoco.train.main; kill -9 (of itself) in the middle of deleting an
                  existing copy of a checkpoint being saved again: one file deleted, then SIGKILL
       kill-in-staging:K  fastmoco.train.main; kill -9 (of itself) while the checkpoint of step K is
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from limits import HANG_S
 
 
 def main():
@@ -93,8 +95,11 @@ def run_main(mode, out, config, argv):
         def train_step(self, x1, x2):
             if self.step == at:
                 Path(f"{out}.rank{self.rank}").write_text(str(os.getpid()))
-                deadline = time.monotonic() + 120
-                while self.rank == 0 and self.preempt.received is None and time.monotonic() < deadline:
+                deadline = time.monotonic() + HANG_S   # however long the test takes to send it
+                while self.rank == 0 and self.preempt.received is None:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"train_worker: rank 0 waited {HANG_S} s at step {at} for the test's "
+                                         "signal; none came")
                     time.sleep(0.05)
             return real_step(self, x1, x2)
 

@@ -15,11 +15,11 @@ unexpected, trainable, reached (the point main_worker got to: "data", past every
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from limits import run_until_hang
 
 from golden import official, tensors
 
@@ -43,7 +43,8 @@ def tiny_export(case: str, workdir: Path) -> Path:
     c = CASES[case]
     cmd = [sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", str(ROOT / "configs" / c["config"]),
            *TINY_RUN, *c["overrides"], "--logging.out_dir", str(run)]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    p = run_until_hang(cmd, f"two training steps of {c['config']} to export (fastmoco/train.py)", cwd=ROOT, env=env,
+                       capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     _, official_file = export(run, workdir / "backbone.safetensors")
