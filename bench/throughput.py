@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the bench as the package it is
@@ -36,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: import the bench as the packag
 import torch  # noqa: E402
 
 from bench import reference, report  # noqa: E402
+from fastmoco import quiet  # noqa: E402
 from bench.report import SMOKE_LABEL, header, print_report  # noqa: E402
 from bench.model_step import ARCH_ALIASES  # noqa: E402
 from bench.timing import REPO, run_metadata  # noqa: E402
@@ -84,7 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from", dest="from_run", default="", help="a saved run (JSON lines): check/update/print it, "
                                                                "measure nothing")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown (for bench/RESULTS.md)")
+    quiet.add_flag(p)
     args = p.parse_args(argv)
+    quiet.configure(args.verbose)
+    # the official-style DINO peer builds its head with torch.nn.utils.weight_norm, as DINO does
+    warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated", category=FutureWarning)
     args.only = [s for s in args.only.split(",") if s]
     bad = set(args.only) - set(SECTIONS)
     if bad:

@@ -275,9 +275,11 @@ def _deepspeed_types() -> list:
     """The classes DeepSpeed pickles into the checkpoints of fastmoco's runs (bf16 or fp32, ZeRO 0-3): the
     ZeRO optimizer states hold a LossScaler (two numbers), a ZeroStageEnum and fragment_address records
     (two ints each). Nothing else beyond tensors, numbers, strings and containers is let through."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    from fastmoco.quiet import library_logs
+    with library_logs():   # DeepSpeed's first import announces the accelerator it picked
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
 

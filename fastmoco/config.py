@@ -526,7 +526,9 @@ def validate_deepspeed(section: dict) -> None:
     dotted key. Imports DeepSpeed (a few seconds), so it runs at training start, not in
     `load_config`.
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
+    from fastmoco.quiet import library_logs
+    with library_logs():   # DeepSpeed's first import announces the accelerator it picked
+        from deepspeed.runtime.config import DeepSpeedConfig
     from pydantic import ValidationError
 
     probe = {k: v for k, v in section.items() if k not in _FASTMOCO_DEEPSPEED_KEYS}
@@ -552,6 +554,6 @@ def validate_deepspeed(section: dict) -> None:
 
 
 def _deepspeed_version() -> str:
-    import deepspeed
+    from fastmoco.quiet import import_deepspeed
 
-    return deepspeed.__version__
+    return import_deepspeed().__version__

@@ -117,8 +117,8 @@ class MetricLogger:
             self._tensorboard({f"train/{k}": rec[k] for k in ("loss", "lr", "momentum", "img_per_s")}, step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", m=f"{momentum:.5f}",
-                                 img_s=f"{img_s:.0f}", eta=f"{eta / 60:.1f}min")
+            # tqdm shows the time left (its [elapsed<left]); metrics.jsonl keeps this window's eta_s
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", m=f"{momentum:.5f}", img_s=f"{img_s:.0f}")
 
     def _check_window(self) -> None:
         window = self.losses[: self.n]

@@ -22,12 +22,12 @@ and exit 0 (fastmoco/preemption.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import copy
 import os
 import socket
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from fastmoco import checkpoint
 from fastmoco.checkpoint import CheckpointError
 from fastmoco.config import (Config, ConfigError, check_allow_change, load_config, resume_changes, to_dict,
                              validate_deepspeed)
+from fastmoco import quiet
 from fastmoco.distributed import process_entry
 from fastmoco.metrics import LogWriteError, MetricLogger, NonFiniteLossError, write_log_file
 from fastmoco.methods import get_method
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                    help="resume although config KEY (dotted, or run.global_batch / run.steps_per_epoch / "
                         "run.zero_stage) differs from the checkpoint's; repeatable")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    quiet.add_flag(p)
     return p.parse_known_args(argv)
 
 
@@ -83,7 +85,7 @@ def init_distributed(use_cuda: bool) -> None:
     environment whose build is not in ~/.cache/torch_extensions (a minute or more; environments that
     share that cache rebuild it over each other). Its one user is DeepSpeed's inference_all_reduce,
     which fastmoco never calls, so the op is marked unavailable and nothing is compiled."""
-    import deepspeed
+    deepspeed = quiet.import_deepspeed()
 
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -93,7 +95,8 @@ def init_distributed(use_cuda: bool) -> None:
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False   # DeepSpeed keeps this dict: edits persist
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    with quiet.library_logs():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
 
 
 def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
@@ -128,12 +131,24 @@ def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
     return ds
 
 
+@contextlib.contextmanager
+def _naming_the_key(keys: dict[str, str]):
+    """A dataset that cannot be used at start names the config key that points to it and its override."""
+    try:
+        yield
+    except DatasetError as e:
+        named = [k for k, v in keys.items() if v and str(v) in str(e)] or list(keys)
+        keys_text = " or ".join(named)
+        overrides = " ".join(f"--{k} DIR" for k in named)
+        raise DatasetError(f"{e}: set {keys_text} in the config or on the command line ({overrides})") from None
+
+
 class Trainer:
     """Owns the engine, data, schedules and logging; `fit()` is the loop."""
 
     def __init__(self, cfg: Config, resume: str = "", allow_change: tuple[str, ...] = (),
                  preempt: Preemption | None = None):
-        import deepspeed
+        deepspeed = quiet.import_deepspeed()
 
         self.cfg = cfg
         if cfg.model.img_size != cfg.data.image_size:
@@ -153,15 +168,18 @@ class Trainer:
 
         # Data first: a missing or empty folder fails before the model is built.
         from fastmoco.pipelines import build_loader
-        self.loader = build_loader(cfg.data, batch_size=self.micro, shard_id=self.rank, num_shards=self.world,
-                                   device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        with _naming_the_key({"data.path": cfg.data.path}):
+            self.loader = build_loader(cfg.data, batch_size=self.micro, shard_id=self.rank, num_shards=self.world,
+                                       device=self.device, dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.steps_per_epoch = len(self.loader)
         if getattr(self.loader.plan, "describe", None):   # shards: what an epoch leaves out, stated
             self._print(self.loader.plan.describe())
         # The kNN monitor's folders are checked now too (None when the config has no eval section).
         from fastmoco.evaluation.monitor import KnnMonitor
-        self.monitor = KnnMonitor.from_config(cfg, micro_batch=self.micro, device=self.device,
-                                              dtype=torch.bfloat16 if self.bf16 else torch.float32, bf16=self.bf16)
+        with _naming_the_key({"eval.train_path": cfg.eval.train_path, "eval.val_path": cfg.eval.val_path}):
+            self.monitor = KnnMonitor.from_config(cfg, micro_batch=self.micro, device=self.device,
+                                                  dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                                  bf16=self.bf16)
         self.knn_history: list[tuple[int, dict]] = []
         # Before the model: a resume that would change the run's meaning is refused now.
         resume_path = self._resume_path(resume, allow_change) if resume else None
@@ -281,6 +299,8 @@ class Trainer:
                                start_step=self.step)
             if self.rank == 0:
                 write_log_file(self.out_dir / "config.json", json.dumps(to_dict(c), indent=1))
+            if self.monitor is not None and self.step:
+                self.knn_history = self._logged_evaluations()
             self.engine.train()
             if self.monitor is not None and self.monitor.at_start and self.step == 0:
                 self.evaluate(log)
@@ -345,6 +365,30 @@ class Trainer:
         log.log_eval(self.step, self.epoch, result, seconds, split=self.monitor.val_split.path)
         return result
 
+    def _logged_evaluations(self) -> list[tuple[int, dict]]:
+        """A resumed run's evaluations so far, read from its metrics.jsonl (already cut at the resume step):
+        the summary spans the whole run, and an evaluation recorded at the resume step (a finished run
+        resumed) is not run and recorded again. Rank 0 reads; the other ranks learn the last step evaluated."""
+        history: list[tuple[int, dict]] = []
+        path = self.out_dir / "metrics.jsonl"
+        if self.rank == 0 and path.is_file():
+            for line in path.read_text().splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                if "eval" not in rec or rec["step"] > self.step:
+                    continue
+                ks = sorted({int(key.split("@")[1]) for key in rec["eval"] if key.startswith("knn_top1@")})
+                history.append((rec["step"], {k: (rec["eval"][f"knn_top1@{k}"], rec["eval"][f"knn_top5@{k}"])
+                                              for k in ks}))
+        last = history[-1][0] if history else -1
+        if self.world > 1:
+            import torch.distributed as dist
+            t = torch.tensor([last], device=self.device)
+            dist.broadcast(t, 0)
+            last = int(t.item())
+        if self.rank != 0:
+            history = [(last, {})] if last >= 0 else []
+        return history
+
     def knn_summary(self) -> str:
         """The first and the last kNN evaluation side by side, one line per k."""
         (s0, first), (s1, last) = self.knn_history[0], self.knn_history[-1]
@@ -366,9 +410,8 @@ class Trainer:
 
 @process_entry
 def main(argv: list[str] | None = None) -> None:
-    # torch.distributed's deprecation notices, printed by DeepSpeed's calls on every rank and step
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     args, overrides = parse_args(argv)
+    quiet.configure(args.verbose)
     launched = "LOCAL_RANK" in os.environ   # by torchrun / deepspeed: die with the launcher
     try:
         cfg = load_config(args.config, overrides)

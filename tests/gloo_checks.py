@@ -16,6 +16,8 @@ WORLD = 2
 
 
 def _entry(rank, worker, init_file, out_file, args):
+    from fastmoco.distributed import end_process
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         result = worker(rank, WORLD, *args)
@@ -23,6 +25,8 @@ def _entry(rank, worker, init_file, out_file, args):
             torch.save(result, out_file)
     finally:
         dist.destroy_process_group()
+    end_process(0)   # a failure above still reaches mp.spawn as a traceback; a success skips finalization's
+                     # abort (a gloo thread releasing tensors while Python finalizes: fastmoco.distributed)
 
 
 def run_on_two_ranks(worker, *args):

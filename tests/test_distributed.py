@@ -1,18 +1,18 @@
 """How fastmoco's processes end: `end_process` and `process_entry` (fastmoco/distributed.py)."""
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from limits import HANG_S
+from limits import run_until_hang
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, **kw)
+    return run_until_hang([sys.executable, *args], "a process that ends through fastmoco.distributed", cwd=ROOT,
+                          capture_output=True, text=True, **kw)
 
 
 def _two_ranks(how):

@@ -2,6 +2,7 @@
 bad input. CPU only (fp32); multi-process on gloo."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -486,3 +487,17 @@ def test_export_refuses_a_directory_and_existing_files_unless_forced(tmp_path):
     sd, _ = load_weights(src)
     assert torch.equal(load_weights(out)[0]["base_encoder.cls_token"], sd["base_encoder.cls_token"])
     assert torch.load(off, weights_only=True)["state_dict"].keys() == {OFFICIAL_PREFIX + k for k in sd}
+
+
+def test_exported_files_get_the_mode_a_new_file_gets_here(tmp_path):
+    """safetensors writes its file 0600; the export is read by other users and jobs like the .pth.tar."""
+    src = tmp_path / "c.pth.tar"
+    official_checkpoint(src, "vit_small", 32)
+    old = os.umask(0o022)
+    try:
+        code, err = cli_export("--checkpoint", src, "--out", tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.glob("b.*")}
+    assert modes == {"b.safetensors": "0o644", "b.moco_v3.pth.tar": "0o644"}, modes

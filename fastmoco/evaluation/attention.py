@@ -192,6 +192,7 @@ def write_png(path: Path, data: bytes) -> None:
 def main(argv: list[str] | None = None) -> None:
     from fastmoco.evaluation.cli import _errors
     from fastmoco.evaluation.weights import build_backbone, load_weights
+    from fastmoco import quiet
     from fastmoco.methods import METHODS
     from fastmoco.models.resnet import RESNET_ARCHS
 
@@ -204,12 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="keep in each map the smallest set of patches holding this fraction of its mass "
                         "(DINO's --threshold, e.g. 0.6)")
-    p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
+    p.add_argument("--encoder", default="", choices=("online", "momentum"),
                    help="which encoder's backbone; default: the method's (MoCo v3: online, DINO: the teacher)")
     p.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="", help="default: cuda when there is one (bf16), else cpu (fp32)")
+    quiet.add_flag(p)
     args = p.parse_args(argv)
+    quiet.configure(args.verbose)
     with _errors():
         if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
             raise AttentionError(f"--threshold must be in (0, 1], got {args.threshold}")

@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from fastmoco import quiet
 from fastmoco.config import DataConfig
 from fastmoco.distributed import get_rank, get_world_size, process_entry
 
@@ -47,13 +47,14 @@ def _common(p: argparse.ArgumentParser, train_required: bool = True) -> None:
     p.add_argument("--val", required=train_required, help="labelled ImageFolder or tar shard set (val split)")
     p.add_argument("--train-list", default="", help="optional file list for --train")
     p.add_argument("--val-list", default="", help="optional file list for --val")
-    p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
+    p.add_argument("--encoder", default="", choices=("online", "momentum"),
                    help="which encoder's backbone; default: the method's (MoCo v3: online, DINO: the teacher)")
     p.add_argument("--batch-size", type=int, default=256, help="per process")
     p.add_argument("--image-size", type=int, default=0, help="default: the checkpoint's")
     p.add_argument("--backend", default="dali", choices=("dali", "torchvision"))
     p.add_argument("--num-threads", type=int, default=8)
     p.add_argument("--json", default="", help="also write the result to this JSON file")
+    quiet.add_flag(p)
 
 
 def _backbone_and_splits(args, device):
@@ -100,6 +101,7 @@ def knn_main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[20, 200])
     p.add_argument("--temperature", type=float, default=0.07)
     args = p.parse_args(argv)
+    quiet.configure(args.verbose)
     with _errors():
         from fastmoco.evaluation.knn import format_knn, knn_accuracy
 
@@ -133,6 +135,7 @@ def linear_main(argv: list[str] | None = None) -> None:
     p.add_argument("--holdout", type=float, default=lin.HOLDOUT)
     p.set_defaults(batch_size=None)
     args = p.parse_args(argv)
+    quiet.configure(args.verbose)
     with _errors():
         device = _setup_distributed()
         backbone, train, val, data, size, info = _backbone_and_splits(args, device)
@@ -182,10 +185,12 @@ def export_main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="the backbone, .safetensors (timm names)")
     p.add_argument("--official", default=None, help="official-layout file (default <out>.moco_v3.pth.tar; "
                                                     "'' to skip)")
-    p.add_argument("--encoder", default="", choices=("", "online", "momentum"),
+    p.add_argument("--encoder", default="", choices=("online", "momentum"),
                    help="default: the method's (MoCo v3: online, DINO: the teacher)")
     p.add_argument("--force", action="store_true", help="replace output files that exist")
+    quiet.add_flag(p)
     args = p.parse_args(argv)
+    quiet.configure(args.verbose)
     with _errors():
         from fastmoco.evaluation.weights import check_output, default_encoder, export_weights, load_code, load_weights
 
@@ -203,7 +208,7 @@ class _errors:
     WeightsError), a checkpoint that cannot load (CheckpointError), a file system refusal (OSError)."""
 
     def __enter__(self):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        pass
 
     def __exit__(self, tp, e, tb):
         from fastmoco.checkpoint import CheckpointError

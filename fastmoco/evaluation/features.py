@@ -57,7 +57,8 @@ class LabelledSplit:
 
         shards = is_shard_set(path)   # tar shards (fastmoco-make-shards): classes from their manifest
         if not shards and not Path(path).is_dir():
-            raise EvalDataError(f"{name} split: folder {path!r} does not exist or is not a directory")
+            fix = f": set {name} in the config or on the command line (--{name} DIR)" if "." in name else ""
+            raise EvalDataError(f"{name} split: folder {path!r} does not exist or is not a directory{fix}")
         split = cls(name, str(path), file_list, source="shards" if shards else "folder")
         if shards:
             split.classes = manifest_classes(path)

@@ -515,6 +515,13 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, encoder: str = ""
     return export_weights(sd, info, out, encoder=encoder, official=official, force=force)
 
 
+def _file_mode() -> int:
+    """The mode a plain open() would give a new file here: 0666 less the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def export_weights(sd: dict, info: WeightsInfo, out: str | os.PathLike, *, encoder: str = "",
                    official: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, Path | None]:
     """`export` of weights already read (`load_weights`)."""
@@ -560,6 +567,7 @@ def export_weights(sd: dict, info: WeightsInfo, out: str | os.PathLike, *, encod
                             "epoch": info.epoch}, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+                os.fchmod(f.fileno(), _file_mode())   # safetensors creates its file 0600
         for tmp, final in staged:
             os.replace(tmp, final)
     finally:
