@@ -303,6 +303,15 @@ def test_monitor_does_not_change_the_training(folders, tmp_path):
         assert set(r["eval"]) == {"knn_top1@1", "knn_top5@1", "knn_top1@3", "knn_top5@3", "seconds"}
         assert 0 <= r["eval"]["knn_top1@1"] <= 100
     assert "kNN accuracy of the online backbone" in p.stdout and "at initialisation" in p.stdout
+    # the finished run resumed: nothing trained, no evaluation run or recorded again, the same summary
+    summary = p.stdout[p.stdout.index("kNN accuracy"):].splitlines()[:2]
+    again = run([sys.executable, str(ROOT / "fastmoco" / "train.py"), "--config", TINY, *COMMON, "--logging.out_dir",
+                 str(monitored), "--schedule.max_steps", "10", "--eval.train_path", str(train), "--eval.val_path",
+                 str(val), "--eval.every_epochs", "1", "--eval.at_start", "true", "--eval.backend", "torchvision",
+                 "--eval.k", "[1, 3]", "--resume", "auto"], what="the finished monitored run resumed (train.py)")
+    assert [r for r in _records(monitored) if "eval" in r] == evals
+    assert "kNN on" not in again.stdout and again.stdout[again.stdout.index("kNN accuracy"):].splitlines()[:2] \
+        == summary, again.stdout
 
 
 @pytest.mark.slow
