@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 19's GPU checks and figures, in stages that fit one lent session (15 min of device time). From the root:
+# The GPU tests and the bench figures of one GPU machine, in stages (each fits a 10-minute job). From the root:
 #
 #     bash bench/gpu_session.sh                       # every stage below, in order
 #     STAGES=kernels bash bench/gpu_session.sh        # one stage (one device call each while DALI arrives
@@ -14,13 +14,12 @@
 # extra    (not in the default) DINO ViT-S/16, R50 vs its peer, evaluation extraction img/s.
 # data     (not in the default) DALI on tar shards (tests/test_shards.py -m gpu) and the data section: the
 #          folder and shard rows of both loaders on 4096 real JPEGs.
-# Then the goals of issue 19, read from the JSON lines: e2e >= 95% of the model step, model step >= 60% MFU
+# Then the ViT-B/16 goals, read from the JSON lines: e2e >= 95% of the model step, model step >= 60% MFU
 # of the measured ~790 TFLOP/s bf16 dense rate (~1700 img/s), >= 1.8x the peer.
 #
 # Measured cold on the H200 (2026-12-04): the kernel tests take ~250 s (Triton compiles), momentum +
 # evaluation tests over 150 s, vitb ~180 s, ViT-S/L/H ~115 s; with the machine's start (1-2 min) the
-# default stages do not all fit one 15-minute session: run them in this order and let the next
-# session take what is left (STAGES=...).
+# default stages take about 15 minutes: where jobs are shorter, run them one stage at a time (STAGES=...).
 # Every log, JSON line and the reference file land under $OUT as they are made; `timeout` cuts a hang and each
 # bench records as skipped what would start past its --time-budget, so a cut call loses nothing measured.
 # Every figure also goes to $OUT/reference_timings.json (--update: this device's entry, e.g. "NVIDIA H200");
@@ -91,7 +90,7 @@ gpu_tests() {  # gpu_tests NAME TIMEOUT FILES...: pytest -m gpu, its log under $
     return "$rc"
 }
 
-# The stages, in the issue's order of priority; STAGES picks some (one device call each when DALI
+# The stages, most needed first; STAGES picks some (one device call each when DALI
 # arrives in parts: kernels, then models, then vitb once DALI is unpacked).
 STAGES="${STAGES:-kernels models vitb}"
 rc_all=0
@@ -113,17 +112,17 @@ for stage in $STAGES; do
         bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS || rc_all=1 ;;
     extra)  # 4. DINO ViT-S/16 (Trainer, e2e 2x224 + 10x96, peer), R50 vs its peer, evaluation extraction
         bench extra "$X_TIMEOUT" "$X_BUDGET" --only dino,r50,eval || rc_all=1 ;;
-    data)  # (not in the default; issue 25) DALI on tar shards: GPU test; loader img/s, folder vs shards rows
+    data)  # (not in the default) DALI on tar shards: GPU test; loader img/s, folder vs shards rows
         gpu_tests shards "$DALI_TESTS_TIMEOUT" tests/test_shards.py || rc_all=1
         bench data "$X_TIMEOUT" "$X_BUDGET" --only data || rc_all=1 ;;
     *) echo "unknown stage $stage (kernels, models, vitb, extra, data)"; rc_all=1 ;;
     esac
 done
 
-echo "== issue 19 goals (from $OUT/bench-*.jsonl)"
+echo "== ViT-B/16 goals (from $OUT/bench-*.jsonl)"
 "$PY" - "$OUT" <<'PY' 2>&1 | tee "$OUT/goals.txt"
 import glob, json, sys
-MEASURED_BF16_TFLOPS = 790.0  # H100/H200 dense bf16, measured (shared/device/README.md)
+MEASURED_BF16_TFLOPS = 790.0  # H100/H200 dense bf16, measured with a bf16 matmul
 recs = [json.loads(l) for f in sorted(glob.glob(f"{sys.argv[1]}/bench-*.jsonl")) for l in open(f) if l.strip()]
 ok = {(r["name"], r.get("build")): r for r in recs if r.get("status") == "ok"}
 def line(what, value, goal, met):

@@ -28,6 +28,7 @@ import copy
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -287,6 +288,7 @@ class Trainer:
 
     def fit(self) -> None:
         c = self.cfg
+        started = time.monotonic()
         total = self.sched.total_steps
         stop = min(total, c.schedule.max_steps) if c.schedule.max_steps > 0 else total
         self.last_checkpoint = checkpoint.find_latest(self.ckpt_dir, warn=False)
@@ -351,11 +353,8 @@ class Trainer:
             why = self.preempt.received or "a signal on another rank"
             self._print(f"fastmoco: stopped by {why} at step {self.step}; checkpoint: {self.last_checkpoint}")
             return
-        self._print(f"done: {self.step} steps\ncheckpoint: {self.last_checkpoint}\n"
-                    f"metrics: {self.out_dir / 'metrics.jsonl'}")
-        if self.knn_history:
-            self._print(self.knn_summary())
-            self._print(self.monitor.write_report(self.out_dir))  # the run's HTML report (rank 0)
+        if self.rank == 0:   # the report, and every evaluation's figures, are rank 0's
+            self._print(self.closing_lines(time.monotonic() - started))
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate(self, log: MetricLogger) -> dict:
@@ -364,6 +363,38 @@ class Trainer:
         self.knn_history.append((self.step, result))
         log.log_eval(self.step, self.epoch, result, seconds, split=self.monitor.val_split.path)
         return result
+
+    def closing_lines(self, seconds: float) -> str:
+        """The end of a run in plain words: what it did, what it learned, where to look next."""
+        out, c = self.out_dir, self.cfg
+        took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+        lines = [f"done: {self.step} steps ({self.step * self.global_batch} images) in {took}",
+                 f"checkpoint: {self.last_checkpoint}", "  to continue or train longer: --resume auto",
+                 f"metrics: {out / 'metrics.jsonl'}"]
+        if c.logging.tensorboard:
+            lines.append(f"  TensorBoard: tensorboard --logdir {out / 'tb'}")
+        if self.knn_history:
+            lines += [self.knn_summary(), self.learned(), self.monitor.write_report(out),
+                      "  open it in a browser: loss and kNN curves, nearest neighbours, attention maps"]
+        if self.last_checkpoint:
+            lines.append(f"export the backbone for timm: fastmoco-export --checkpoint {out} "
+                         f"--out {out / 'backbone.safetensors'}")
+        return "\n".join(lines)
+
+    def learned(self) -> str:
+        """One sentence on what the kNN monitor saw between the first and the last evaluation."""
+        (s0, first), (s1, last) = self.knn_history[0], self.knn_history[-1]
+        k = next(iter(last))
+        if s0 == s1 or k not in first:
+            return f"learned: kNN top-1 {last[k][0]:.1f}% at step {s1} (no earlier evaluation to compare with)"
+        gain = last[k][0] - first[k][0]
+        since = "the same network untrained" if s0 == 0 else f"step {s0}"
+        if gain <= 0:
+            return (f"learned: no gain in kNN top-1 over {since} ({first[k][0]:.1f}% -> {last[k][0]:.1f}%): "
+                    "the features do not yet group images by class; train longer or check the recipe")
+        return (f"learned: without seeing a label, the backbone now maps images so that a val image's {k} nearest "
+                f"train images mostly share its class: kNN top-1 {first[k][0]:.1f}% -> {last[k][0]:.1f}% "
+                f"(+{gain:.1f} points over {since})")
 
     def _logged_evaluations(self) -> list[tuple[int, dict]]:
         """A resumed run's evaluations so far, read from its metrics.jsonl (already cut at the resume step):
