@@ -144,6 +144,19 @@ def _naming_the_key(keys: dict[str, str]):
         raise DatasetError(f"{e}: set {keys_text} in the config or on the command line ({overrides})") from None
 
 
+def _console_script(name: str) -> str:
+    """How to call one of fastmoco's commands from here: its name where it is on PATH, else its path
+    beside this interpreter (a .venv that is not activated), relative when under this folder."""
+    import shutil
+    if shutil.which(name):
+        return name
+    path = Path(sys.executable).parent / name
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 class Trainer:
     """Owns the engine, data, schedules and logging; `fit()` is the loop."""
 
@@ -375,9 +388,9 @@ class Trainer:
             lines.append(f"  TensorBoard: tensorboard --logdir {out / 'tb'}")
         if self.knn_history:
             lines += [self.knn_summary(), self.learned(), self.monitor.write_report(out),
-                      "  open it in a browser: loss and kNN curves, nearest neighbours, attention maps"]
+                      "  open it in a browser: loss and accuracy curves, nearest neighbours, attention maps"]
         if self.last_checkpoint:
-            lines.append(f"export the backbone for timm: fastmoco-export --checkpoint {out} "
+            lines.append(f"export the backbone for timm: {_console_script('fastmoco-export')} --checkpoint {out} "
                          f"--out {out / 'backbone.safetensors'}")
         return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """A small ImageFolder of real photographs for tests, benches and the README demo.
 
-    fastmoco-make-demo-data OUT_DIR [--num-images 256] [--val-images 128]   # OUT_DIR/train, OUT_DIR/val
+    fastmoco-make-demo-data OUT_DIR [--num-images 256] [--val-images 512]   # OUT_DIR/train, OUT_DIR/val
 
 The photographs are the ones shipped inside scikit-image (`skimage.data`,
 nothing downloaded). Each class folder holds random crops of one photograph,
@@ -101,7 +101,7 @@ def make_demo_data(out_dir: str | os.PathLike, num_images: int = 256, seed: int 
     return out
 
 
-def make_demo_splits(out_dir: str | os.PathLike, num_images: int = 256, val_images: int = 128, seed: int = 0,
+def make_demo_splits(out_dir: str | os.PathLike, num_images: int = 256, val_images: int = 512, seed: int = 0,
                      color_only: bool = False) -> tuple[Path, Path | None]:
     """`out_dir/train` and (when `val_images`) `out_dir/val`: the same classes, different crops."""
     out = Path(out_dir)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir")
     ap.add_argument("--num-images", type=int, default=256, help="train split")
-    ap.add_argument("--val-images", type=int, default=128, help="val split (0: none)")
+    ap.add_argument("--val-images", type=int, default=512, help="val split (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--color-only", action="store_true", help="leave out the grey photographs")
     args = ap.parse_args(argv)

@@ -147,6 +147,7 @@ def test_shipped_reference_file_is_valid():
 
 # -- smoke run ------------------------------------------------------------------------------------
 
+@pytest.mark.long
 def test_smoke_run_has_every_section(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     p = run_until_hang([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--out", str(tmp_path)],
@@ -160,6 +161,8 @@ def test_smoke_run_has_every_section(tmp_path):
         line = next((ln for ln in out.splitlines() if ln.startswith(title)), None)
         assert line is not None and "SMOKE (CPU): not a measurement" in line, title
     assert "nothing compared" in out
+    from test_quiet import NOISE   # quiet by default: the profiler's USDT lines, DeepSpeed's notices
+    assert [n for n in NOISE if n in out + p.stderr] == [], (out + p.stderr)[-3000:]
 
     files = list(tmp_path.glob("bench-*-smoke.jsonl"))
     assert len(files) == 1

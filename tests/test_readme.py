@@ -30,15 +30,16 @@ REPO_DIRS = {"configs", "scripts", "bench", "fastmoco", "tests", "kernels", "pip
 
 def code_lines() -> list[tuple[int, str]]:
     """(line number, command) of every indented code block, continuations joined; a block that
-    shows a file tree (its first word a folder, `fastmoco/`) holds no commands."""
+    shows a file tree (its first word a folder, `fastmoco/`) or a run's output ("step 0: ...") holds
+    no commands."""
     out, pending, start, tree, in_block = [], "", 0, False, False
     for no, line in enumerate(README.read_text().splitlines(), 1):
         if not line.startswith("    ") or line.lstrip().startswith(("- ", "* ")):
             pending, in_block = "", False if line.strip() else in_block
             continue
         text = line.strip()
-        if not in_block:
-            in_block, tree = True, text.split()[0].endswith("/")
+        if not in_block:   # a file tree or a run's output, not commands
+            in_block, tree = True, text.split()[0].endswith("/") or text.startswith("step ")
         if tree:
             continue
         if not pending:
