@@ -46,3 +46,20 @@ def test_a_run_prints_no_library_notices_unless_verbose(tmp_path):
     code, out = train(tmp_path, "--schedule.max_steps", "2", "--overwrite", "--verbose")
     assert code == 0, out
     assert "Setting accelerator to CPU" in out, out   # what --verbose brings back
+
+
+def test_the_progress_bar_shows_one_time_left(tmp_path, capsys):
+    """tqdm's [elapsed<left] is the bar's only ETA; metrics.jsonl keeps the window's eta_s."""
+    import json
+
+    from fastmoco.metrics import MetricLogger
+    log = MetricLogger(tmp_path, log_every=2, check_every=2, total_steps=4, global_batch=8,
+                       device=torch.device("cpu"), tensorboard=False, progress=True)
+    for step in (1, 2):
+        log.record(torch.tensor(1.5))
+        log.after_step(step, 1e-3, 0.99, 0)
+    log.bar.refresh()
+    log.close()
+    shown = capsys.readouterr().err.splitlines()[-1]
+    assert "loss=1.5000" in shown and "<" in shown and "eta" not in shown, shown
+    assert "eta_s" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
