@@ -164,6 +164,13 @@ def _default_deepspeed() -> dict:
 
 
 @dataclass
+class MemoryConfig:
+    # Images per backbone call (fastmoco/chunked.py): the backbone runs over the micro batch in chunks
+    # without autograd and again per chunk in the backward; gradients are the whole batch's. 0: off.
+    backbone_chunk: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: str = "moco_v3"          # moco_v3 | dino (fastmoco/methods.py)
@@ -175,6 +182,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     deepspeed: dict = field(default_factory=_default_deepspeed)  # passed to deepspeed.initialize as is
     seed: int = 0
 
@@ -322,6 +330,8 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", o.eps, "> 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
     _require(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "> 0")
+    _require(cfg.memory.backbone_chunk >= 0, "memory.backbone_chunk", cfg.memory.backbone_chunk,
+             ">= 0 (images per backbone chunk; 0: the whole micro batch at once)")
     _require(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
     _require(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
              f"in [0, schedule.epochs = {s.epochs}]")
@@ -361,6 +371,7 @@ RESUME_RULES: dict[str, str] = {
     "model.num_heads": MUST_MATCH, "model.drop_path": MUST_MATCH,
     "model.init_from": FREE,              # weights at a fresh start; a resume loads the checkpoint's
     "model.grad_checkpointing": MAY_CHANGE,   # the same math, less memory
+    "memory.backbone_chunk": MAY_CHANGE,      # the same gradients, less memory
     **{f"moco.{k}": FIXED for k in ("dim", "mlp_dim")},
     **{f"moco.{k}": MUST_MATCH for k in ("tau", "momentum", "momentum_cosine")},
     **{f"dino.{k}": FIXED for k in ("out_dim", "hidden_dim", "bottleneck_dim", "norm_last_layer")},

@@ -58,7 +58,7 @@ class MoCoV3:
     def build(self, cfg):
         from fastmoco.moco import MoCo
 
-        return MoCo.from_config(cfg.model, cfg.moco)
+        return MoCo.from_config(cfg.model, cfg.moco, cfg.memory)
 
     def param_groups(self, model, cfg) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "apply_wd": False}]
@@ -95,6 +95,9 @@ class DINOMethod:
 
         if cfg.data.local_crops < 1:
             raise ConfigError("method dino: set data.local_crops (DINO's multi-crop: 8 or 10 local crops)")
+        if cfg.memory.backbone_chunk:
+            raise ConfigError(f"memory.backbone_chunk {cfg.memory.backbone_chunk}: not available for method dino "
+                              "yet (MoCo v3 only); set it to 0")
         return DINO.from_config(cfg.model, cfg.dino)
 
     def param_groups(self, model, cfg) -> list[dict]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastmoco import ops
+from fastmoco.chunked import chunked_backbone
 from fastmoco.distributed import concat_all_gather, get_rank
 from fastmoco.models.heads import build_mlp, predictor, projector
 from fastmoco.models.resnet import RESNET_ARCHS, ResNet
@@ -31,9 +32,10 @@ class MoCo(nn.Module):
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, dim: int = 256, mlp_dim: int = 4096,
                  tau: float = 0.2, frozen_patch_embed: bool = True, grad_checkpointing: bool = False, *,
-                 patch_size: int = 0, num_heads: int = 0, mlp_norm: str = "ln"):
+                 patch_size: int = 0, num_heads: int = 0, mlp_norm: str = "ln", backbone_chunk: int = 0):
         super().__init__()
         self.tau = tau
+        self.backbone_chunk = backbone_chunk   # images per backbone call (fastmoco/chunked.py); 0: all
         if arch in RESNET_ARCHS:  # MoCo_ResNet: the trunk's BN over the global batch, projector at `fc`
             self.base_encoder = ResNet(arch)
         else:
@@ -44,6 +46,10 @@ class MoCo(nn.Module):
         # official code's one call per view; without them both views run as one batch (the same result).
         self.per_view_backbone = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                      for m in self.base_encoder.modules())
+        if backbone_chunk and self.per_view_backbone:
+            raise ValueError(f"memory.backbone_chunk {backbone_chunk}: model.arch {arch} (mlp_norm {mlp_norm!r}) has "
+                             "BatchNorm inside the backbone, whose statistics span the whole batch: chunks would "
+                             "change them. Set memory.backbone_chunk 0 for this backbone")
         if arch in RESNET_ARCHS:  # official MoCo_ResNet: 2-layer projector, predictor without a last BN
             self.base_encoder.fc = build_mlp(2, self.base_encoder.embed_dim, mlp_dim, dim)
             self.predictor = build_mlp(2, dim, mlp_dim, dim, last_bn=False)
@@ -56,11 +62,12 @@ class MoCo(nn.Module):
         self.momentum_state: MomentumState | None = None
 
     @classmethod
-    def from_config(cls, model_cfg, moco_cfg) -> "MoCo":
+    def from_config(cls, model_cfg, moco_cfg, memory_cfg=None) -> "MoCo":
         return cls(model_cfg.arch, img_size=model_cfg.img_size, dim=moco_cfg.dim, mlp_dim=moco_cfg.mlp_dim,
                    tau=moco_cfg.tau, frozen_patch_embed=model_cfg.frozen_patch_embed,
                    grad_checkpointing=model_cfg.grad_checkpointing, patch_size=model_cfg.patch_size,
-                   num_heads=model_cfg.num_heads, mlp_norm=model_cfg.mlp_norm)
+                   num_heads=model_cfg.num_heads, mlp_norm=model_cfg.mlp_norm,
+                   backbone_chunk=memory_cfg.backbone_chunk if memory_cfg is not None else 0)
 
     # The Trainer's, evaluation's and export's names for the two backbones (fastmoco/methods.py).
     @property
@@ -90,7 +97,10 @@ class MoCo(nn.Module):
     def _backbone(self, encoder: nn.Module, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         if self.per_view_backbone:
             return torch.cat([encoder(x1, head=False), encoder(x2, head=False)])
-        return encoder(torch.cat([x1, x2]), head=False)  # (2N, C)
+        # (2N, C); with memory.backbone_chunk, that many images per call (the momentum encoder's under
+        # no_grad simply in turn; the online one's recomputed per chunk in the backward)
+        return chunked_backbone(lambda x: encoder(x, head=False), encoder, torch.cat([x1, x2]),
+                                self.backbone_chunk)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         """x1, x2: (N, 3, H, W) the two views of the same N images. Returns the scalar loss.
