@@ -12,6 +12,8 @@
 #          step on device batches, the same Trainer fed by DALI on 4096 real JPEGs (e2e), the official-style
 #          peer, the torch.compile peer with what is left of the budget, and the step breakdown.
 # extra    (not in the default) DINO ViT-S/16, R50 vs its peer, evaluation extraction img/s.
+# chunk    (not in the default) ViT-B/16 at micro batch 4096 with memory.backbone_chunk (img/s, peak memory)
+#          beside the unchunked step at the largest micro batch that fits; goal: <= 1.4x its time per image.
 # data     (not in the default) DALI on tar shards (tests/test_shards.py -m gpu) and the data section: the
 #          folder and shard rows of both loaders on 4096 real JPEGs.
 # Then the ViT-B/16 goals, read from the JSON lines: e2e >= 95% of the model step, model step >= 60% MFU
@@ -38,6 +40,9 @@ X_TIMEOUT="${X_TIMEOUT:-200}"
 B_BUDGET="${B_BUDGET:-210}"       # seconds; nothing starts past it, the compile peer gets what is left
 B_TIMEOUT="${B_TIMEOUT:-260}"
 B_ARGS="${B_ARGS:---only model,breakdown --arch vit_b --batch 256 --builds trainer,e2e,peer,peer_compile --compile-budget 90 --breakdown-steps 12}"
+C_CHUNK="${C_CHUNK:-256}"         # images per backbone chunk of the chunk stage
+C_BUDGET="${C_BUDGET:-200}"
+C_TIMEOUT="${C_TIMEOUT:-260}"
 SLH_ARCHS="${SLH_ARCHS-vit_h}"   # ViT-S and ViT-L ran on 2026-12-04: SLH_ARCHS=vit_s,vit_l,vit_h for all
 SLH_BUDGET="${SLH_BUDGET:-120}"
 SLH_TIMEOUT="${SLH_TIMEOUT:-150}"
@@ -112,10 +117,15 @@ for stage in $STAGES; do
         bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS || rc_all=1 ;;
     extra)  # 4. DINO ViT-S/16 (Trainer, e2e 2x224 + 10x96, peer), R50 vs its peer, evaluation extraction
         bench extra "$X_TIMEOUT" "$X_BUDGET" --only dino,r50,eval || rc_all=1 ;;
+    chunk)  # (not in the default) ViT-B/16 at the recipe's 4096 on one GPU with memory.backbone_chunk,
+            # beside the unchunked step at the largest micro batch that fits
+        bench chunk "$C_TIMEOUT" "$C_BUDGET" --only model --arch vit_b --batch 4096 --builds chunked \
+            --backbone-chunk "$C_CHUNK" --steps 2 --repeats 2 --max-batch vit_b --max-batch-start 256 \
+            --max-batch-seconds 100 || rc_all=1 ;;
     data)  # (not in the default) DALI on tar shards: GPU test; loader img/s, folder vs shards rows
         gpu_tests shards "$DALI_TESTS_TIMEOUT" tests/test_shards.py || rc_all=1
         bench data "$X_TIMEOUT" "$X_BUDGET" --only data || rc_all=1 ;;
-    *) echo "unknown stage $stage (kernels, models, vitb, extra, data)"; rc_all=1 ;;
+    *) echo "unknown stage $stage (kernels, models, vitb, extra, chunk, data)"; rc_all=1 ;;
     esac
 done
 
@@ -137,6 +147,15 @@ e2e = ratio.get("e2e_over_trainer") or (e and t and e["metrics"]["img_per_s"] / 
 line("ViT-B end to end / model step", f"{e2e:.3f}" if e2e else "-", ">= 0.95", None if e2e is None else e2e >= 0.95)
 peer = ratio.get("trainer_over_peer")
 line("ViT-B model step / peer", f"{peer:.2f}x" if peer else "-", ">= 1.8x", None if peer is None else peer >= 1.8)
+chunked = ok.get(("vit_base", "chunked"))
+biggest = next((r for r in recs if r.get("build") == "max_batch" and r["name"] == "vit_base"
+                and r.get("status") == "ok"), None)
+if chunked:
+    c = chunked["metrics"]
+    print(f"ViT-B b{chunked['batch']} in chunks: {c['img_per_s']:.0f} img/s, peak {c['peak_gib']:.1f} GiB")
+cost = biggest and chunked and biggest["metrics"]["img_per_s"] / chunked["metrics"]["img_per_s"]
+line("ViT-B chunked time per image / unchunked at its largest batch", f"{cost:.2f}x" if cost else "-", "<= 1.4x",
+     None if not cost else cost <= 1.4)
 for r in recs:
     if r.get("build") == "max_batch":
         print(f"{r['name']} largest micro batch: {r.get('batch', '-')} "

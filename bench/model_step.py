@@ -41,7 +41,8 @@ from bench import flops
 from bench.peer import PeerMoCo
 from bench.timing import REPO, measure
 
-BUILDS = ("trainer", "e2e", "reference", "peer", "peer_compile")
+# chunked: the Trainer with memory.backbone_chunk (fastmoco/chunked.py), not in the default builds
+BUILDS = ("trainer", "e2e", "reference", "peer", "peer_compile", "chunked")
 ROTATE = 3            # input batches cycled through, so no cache holds the next step's input
 TAU = 0.2             # MoCo v3's ViT temperature
 LR, WEIGHT_DECAY = 1.5e-4, 0.1
@@ -135,13 +136,14 @@ def trainer_from_config(config: str, *, batch: int, out_dir: str, data_dir: Path
 
 
 def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,
-                  data_dir: Path | None = None, threads: int = 0):
-    """The Trainer of the arch's recipe config (`trainer_from_config`) at this shape."""
+                  data_dir: Path | None = None, threads: int = 0, chunk: int = 0):
+    """The Trainer of the arch's recipe config (`trainer_from_config`) at this shape; `chunk`: its
+    memory.backbone_chunk."""
     config = SMOKE_CONFIG if smoke else ARCH_CONFIGS.get(arch)
     if config is None:
         raise ValueError(f"no recipe config for arch {arch!r} (known: {', '.join(ARCH_CONFIGS)})")
     extra = ("--model.arch", arch, "--model.img_size", str(img), "--data.image_size", str(img),
-             "--moco.dim", str(dim), "--moco.mlp_dim", str(mlp_dim))
+             "--moco.dim", str(dim), "--moco.mlp_dim", str(mlp_dim), "--memory.backbone_chunk", str(chunk))
     return trainer_from_config(config, batch=batch, out_dir=out_dir, data_dir=data_dir, threads=threads, extra=extra)
 
 
@@ -223,8 +225,9 @@ def release_trainer(trainer) -> None:
 
 
 def _measure_build(build: str, arch: str, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device,
-                   amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, data_dir: Path | None = None) -> dict:
-    if build in ("trainer", "e2e", "reference"):
+                   amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, data_dir: Path | None = None,
+                   chunk: int = 0) -> dict:
+    if build in ("trainer", "e2e", "reference", "chunked"):
         from fastmoco import ops
 
         if build == "e2e" and data_dir is None:
@@ -232,9 +235,12 @@ def _measure_build(build: str, arch: str, img: int, batch: int, dim: int, mlp_di
         modes, notes = fused_modes(device, smoke) if build != "reference" else ({op: "off" for op in ops.OPS}, [])
         with tempfile.TemporaryDirectory(prefix="fastmoco-bench-") as tmp, ops.fused(**modes):
             trainer = build_trainer(arch, img=img, batch=batch, dim=dim, mlp_dim=mlp_dim, smoke=smoke, out_dir=tmp,
-                                    data_dir=data_dir if build == "e2e" else None)
+                                    data_dir=data_dir if build == "e2e" else None,
+                                    chunk=chunk if build == "chunked" else 0)
             try:
                 notes.insert(0, trainer_notes(trainer))
+                if build == "chunked":
+                    notes.insert(1, f"backbone in chunks of {chunk} images (memory.backbone_chunk)")
                 if build == "e2e":
                     notes.insert(1, f"DALI loader on {data_dir}")
                 batches = loader_batches(trainer) if build == "e2e" else device_batches(trainer, batch, img)
@@ -264,15 +270,16 @@ def _time_step(step, device: torch.device, warmup: int, steps: int, repeats: int
 
 def bench_build(build: str, arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, device: torch.device,
                 amp: bool, smoke: bool, warmup: int, steps: int, repeats: int, peak_tflops: float | None,
-                data_dir: Path | None = None) -> dict:
-    """One build at `batch` (halved on out-of-memory); returns a result record."""
+                data_dir: Path | None = None, chunk: int = 0) -> dict:
+    """One build at `batch` (halved on out-of-memory); returns a result record. `chunk`: the
+    chunked build's memory.backbone_chunk."""
     rec = {"section": "model", "name": arch, "build": build, "img_size": img}
     res, error, halvings = None, None, 0
     while True:
         _free(device)
         try:
             res = _measure_build(build, arch, img, batch, dim, mlp_dim, device, amp, smoke, warmup, steps, repeats,
-                                 data_dir)
+                                 data_dir, chunk)
             break
         except torch.cuda.OutOfMemoryError:
             error = f"out of memory at batch {batch}"
@@ -295,7 +302,7 @@ def bench_build(build: str, arch: str, *, img: int, batch: int, dim: int, mlp_di
     if error:
         res["notes"].append(f"batch halved after: {error}")
     # fastmoco's own builds are held to the reference figures; the peers are context.
-    figures = {"img_per_s": img_per_s} if build in ("trainer", "e2e", "reference") else {}
+    figures = {"img_per_s": img_per_s} if build in ("trainer", "e2e", "reference", "chunked") else {}
     return {**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": figures,
             "notes": "; ".join(res["notes"])}
 

@@ -364,3 +364,16 @@ def test_optimizer_phase_table_holds_only_what_runs_inside_engine_step(tmp_path)
     calls = {k["name"]: k["calls_per_step"] for k in r["top"]}
     assert calls.get("aten::mm") == 1.0, r["top"]
     assert r["phase"] == "optimizer" and r["host_ms_per_step"] >= r["work_ms_per_step"] > 0, r
+
+
+def test_the_chunked_build_runs_beside_the_trainer_and_is_compared_with_it(tmp_path):
+    """`--builds chunked` (the GPU session's chunk stage): the Trainer with memory.backbone_chunk."""
+    p = run_until_hang([sys.executable, str(REPO / "bench" / "throughput.py"), "--smoke", "--only", "model",
+                        "--builds", "trainer,chunked", "--out", str(tmp_path)],
+                       "bench/throughput.py --smoke --builds trainer,chunked", cwd=REPO, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (f,) = tmp_path.glob("bench-*-smoke.jsonl")
+    recs = {r["build"]: r for r in map(json.loads, f.read_text().splitlines())}
+    assert recs["chunked"]["status"] == "ok" and "backbone in chunks of 2 images" in recs["chunked"]["notes"]
+    assert recs["chunked"]["batch"] == recs["trainer"]["batch"] == 2   # 4 views: two chunks
+    assert recs["ratio"]["metrics"]["chunked_over_trainer"] > 0

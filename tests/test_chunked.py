@@ -10,9 +10,10 @@ from fastmoco.moco import MoCo
 from test_train import ROOT, TINY, baseline, losses, train_1proc, train_2proc  # noqa: F401 (fixture)
 
 
-def tiny_moco(chunk: int, frozen: bool = True, drop_path: float = 0.0) -> MoCo:
+def tiny_moco(chunk: int, frozen: bool = True, drop_path: float = 0.0, checkpointing: bool = False) -> MoCo:
     torch.manual_seed(0)
-    model = MoCo("vit_test", img_size=32, dim=16, mlp_dim=32, frozen_patch_embed=frozen, backbone_chunk=chunk)
+    model = MoCo("vit_test", img_size=32, dim=16, mlp_dim=32, frozen_patch_embed=frozen, backbone_chunk=chunk,
+                 grad_checkpointing=checkpointing)
     if drop_path:
         for block in model.base_encoder.blocks:   # DINO's student has drop path; MoCo v3's recipe none
             block.drop_path = drop_path
@@ -25,13 +26,13 @@ def loss_and_grads(model: MoCo, x1, x2):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("frozen,checkpointing", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 10])
-def test_chunks_give_the_whole_batch_gradients(chunk, frozen):
+def test_chunks_give_the_whole_batch_gradients(chunk, frozen, checkpointing):
     torch.manual_seed(1)
     x1, x2 = torch.randn(5, 3, 32, 32), torch.randn(5, 3, 32, 32)   # 10 views: 3 does not divide them
     ref_loss, ref = loss_and_grads(tiny_moco(0, frozen), x1, x2)
-    loss, got = loss_and_grads(tiny_moco(chunk, frozen), x1, x2)
+    loss, got = loss_and_grads(tiny_moco(chunk, frozen, checkpointing=checkpointing), x1, x2)
     assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
     assert got.keys() == ref.keys() and any(n.startswith("base_encoder.blocks") for n in got)
     assert ("base_encoder.patch_embed.proj.weight" in got) == (not frozen)
