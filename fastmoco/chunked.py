@@ -36,46 +36,54 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 class _ChunkedBackbone(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, fn, params, size, x, anchor):   # runs without autograd
-        ctx.fn, ctx.params, ctx.size = fn, params, size
-        ctx.save_for_backward(x)
-        ctx.rng, outs = [], []
-        for a, b in spans(x.shape[0], size):
-            ctx.rng.append(_rng_state(x.device))
-            outs.append(fn(x[a:b]))
-        return torch.cat(outs)
+    """fn over the groups' chunks; one Function for all the groups of a step, so that the backward's
+    very last chunk is the only one whose gradients ZeRO reduces."""
 
     @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        parts = spans(x.shape[0], ctx.size)
-        after = _rng_state(x.device)
+    def forward(ctx, fn, params, size, anchor, *xs):   # runs without autograd
+        ctx.fn, ctx.params, ctx.size = fn, params, size
+        ctx.save_for_backward(*xs)
+        ctx.rng, outs = [], []
+        for x in xs:
+            parts = []
+            for a, b in spans(x.shape[0], size):
+                ctx.rng.append(_rng_state(x.device))
+                parts.append(fn(x[a:b]))
+            outs.append(torch.cat(parts))
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xs = ctx.saved_tensors
+        work = [(x, g, a, b) for x, g in zip(xs, grads) for a, b in spans(x.shape[0], ctx.size)]
+        device = xs[0].device
+        after = _rng_state(device)
         try:
-            for i, ((a, b), state) in enumerate(zip(parts, ctx.rng)):
+            for i, ((x, g, a, b), state) in enumerate(zip(work, ctx.rng)):
                 for p in ctx.params:   # ZeRO reduces each gradient once: with the last chunk's
-                    p.ds_grad_is_ready = i == len(parts) - 1
-                _set_rng_state(state, x.device)
+                    p.ds_grad_is_ready = i == len(work) - 1
+                _set_rng_state(state, device)
                 with torch.enable_grad():
                     out = ctx.fn(x[a:b])
-                torch.autograd.backward(out, grad[a:b])
+                torch.autograd.backward(out, torch.zeros_like(out) if g is None else g[a:b])
         finally:
             for p in ctx.params:
                 p.ds_grad_is_ready = True
-            _set_rng_state(after, x.device)
-        return None, None, None, None, None
+            _set_rng_state(after, device)
+        return (None,) * (4 + len(xs))
 
 
-def chunked_backbone(fn: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, x: torch.Tensor,
-                     size: int) -> torch.Tensor:
-    """fn(x) (`module`'s forward) computed `size` rows at a time; with autograd on and trainable
-    parameters, the backward recomputes each chunk (module docstring). `size` >= len(x): fn(x)."""
-    if size <= 0 or size >= x.shape[0]:
-        return fn(x)
-    if x.requires_grad:
-        raise ValueError("chunked_backbone: the input must not need a gradient (images do not)")
+def chunked_backbone(fn: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module,
+                     xs: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """[fn(x) for x in xs] (`module`'s forward; xs: groups of inputs, e.g. DINO's crops by resolution)
+    computed `size` rows at a time; with autograd on and trainable parameters, the backward
+    recomputes each chunk (module docstring). `size` 0, or no larger than any group: unchunked."""
+    if size <= 0 or all(size >= x.shape[0] for x in xs):
+        return [fn(x) for x in xs]
+    if any(x.requires_grad for x in xs):
+        raise ValueError("chunked_backbone: the inputs must not need a gradient (images do not)")
     params = [p for p in module.parameters() if p.requires_grad]
     if not (torch.is_grad_enabled() and params):
-        return torch.cat([fn(x[a:b]) for a, b in spans(x.shape[0], size)])
-    anchor = torch.empty(0, requires_grad=True)   # makes the output part of the graph (x needs no gradient)
-    return _ChunkedBackbone.apply(fn, params, size, x, anchor)
+        return [torch.cat([fn(x[a:b]) for a, b in spans(x.shape[0], size)]) for x in xs]
+    anchor = torch.empty(0, requires_grad=True)   # makes the outputs part of the graph (xs need no gradient)
+    return list(_ChunkedBackbone.apply(fn, params, size, anchor, *xs))

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastmoco import ops
+from fastmoco.chunked import chunked_backbone
 from fastmoco.distributed import get_world_size
 from fastmoco.models.vit import VisionTransformer
 from fastmoco.momentum import MomentumState
@@ -82,20 +83,23 @@ class DINOHead(nn.Module):
 class Encoder(nn.Module):
     """A backbone and its head; crops grouped by resolution (DINO's MultiCropWrapper)."""
 
-    def __init__(self, backbone: VisionTransformer, head: DINOHead):
+    def __init__(self, backbone: VisionTransformer, head: DINOHead, chunk: int = 0):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.chunk = chunk   # images per backbone call, each crop group in chunks (fastmoco/chunked.py); 0: all
 
     def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """crops: V tensors (B, 3, S_v, S_v), consecutive ones of equal size run together.
         Returns (V, B, K) logits."""
-        feats, start = [], 0
+        groups, start = [], 0
         while start < len(crops):
             end = start + 1
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end]), head=False))
+            groups.append(torch.cat(crops[start:end]))
             start = end
+        # with memory.backbone_chunk, `chunk` images per backbone call across the groups (fastmoco/chunked.py)
+        feats = chunked_backbone(lambda x: self.backbone(x, head=False), self.backbone, groups, self.chunk)
         out = self.head(torch.cat(feats))                                   # (V * B, K)
         return out.view(len(crops), crops[0].shape[0], -1)
 
@@ -107,8 +111,12 @@ class DINO(nn.Module):
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True, drop_path: float = 0.1, student_temp: float = 0.1,
                  center_momentum: float = 0.9, num_global: int = 2, grad_checkpointing: bool = False,
-                 mlp_norm: str = "ln"):
+                 mlp_norm: str = "ln", backbone_chunk: int = 0):
         super().__init__()
+        if backbone_chunk and mlp_norm != "ln":
+            raise ValueError(f"memory.backbone_chunk {backbone_chunk}: model.mlp_norm {mlp_norm!r} puts BatchNorm "
+                             "inside the backbone, whose statistics span the whole batch: chunks would change "
+                             "them. Set memory.backbone_chunk 0 for this backbone")
         self.student_temp, self.center_momentum, self.num_global = student_temp, center_momentum, num_global
 
         def encoder(path_rate: float) -> Encoder:
@@ -116,7 +124,7 @@ class DINO(nn.Module):
                                     num_heads=num_heads, patch_size=patch_size, drop_path=path_rate,
                                     grad_checkpointing=grad_checkpointing, mlp_norm=mlp_norm)
             return Encoder(vit, DINOHead(vit.embed_dim, out_dim, hidden_dim, bottleneck_dim,
-                                         norm_last_layer=norm_last_layer))
+                                         norm_last_layer=norm_last_layer), chunk=backbone_chunk)
 
         self.student = encoder(drop_path)
         self.teacher = encoder(0.0)
@@ -127,13 +135,14 @@ class DINO(nn.Module):
         self.momentum_state: MomentumState | None = None
 
     @classmethod
-    def from_config(cls, model_cfg, dino_cfg) -> "DINO":
+    def from_config(cls, model_cfg, dino_cfg, memory_cfg=None) -> "DINO":
         return cls(model_cfg.arch, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size,
                    num_heads=model_cfg.num_heads, out_dim=dino_cfg.out_dim, hidden_dim=dino_cfg.hidden_dim,
                    bottleneck_dim=dino_cfg.bottleneck_dim, norm_last_layer=dino_cfg.norm_last_layer,
                    drop_path=model_cfg.drop_path, student_temp=dino_cfg.student_temp,
                    center_momentum=dino_cfg.center_momentum, num_global=dino_cfg.global_crops,
-                   grad_checkpointing=model_cfg.grad_checkpointing, mlp_norm=model_cfg.mlp_norm)
+                   grad_checkpointing=model_cfg.grad_checkpointing, mlp_norm=model_cfg.mlp_norm,
+                   backbone_chunk=memory_cfg.backbone_chunk if memory_cfg is not None else 0)
 
     # The Trainer's names for the two encoders (MoCo: base_encoder / momentum_encoder).
     @property

@@ -95,10 +95,7 @@ class DINOMethod:
 
         if cfg.data.local_crops < 1:
             raise ConfigError("method dino: set data.local_crops (DINO's multi-crop: 8 or 10 local crops)")
-        if cfg.memory.backbone_chunk:
-            raise ConfigError(f"memory.backbone_chunk {cfg.memory.backbone_chunk}: not available for method dino "
-                              "yet (MoCo v3 only); set it to 0")
-        return DINO.from_config(cfg.model, cfg.dino)
+        return DINO.from_config(cfg.model, cfg.dino, cfg.memory)
 
     def param_groups(self, model, cfg) -> list[dict]:
         from fastmoco.dino import param_groups

@@ -99,8 +99,8 @@ class MoCo(nn.Module):
             return torch.cat([encoder(x1, head=False), encoder(x2, head=False)])
         # (2N, C); with memory.backbone_chunk, that many images per call (the momentum encoder's under
         # no_grad simply in turn; the online one's recomputed per chunk in the backward)
-        return chunked_backbone(lambda x: encoder(x, head=False), encoder, torch.cat([x1, x2]),
-                                self.backbone_chunk)
+        return chunked_backbone(lambda x: encoder(x, head=False), encoder, [torch.cat([x1, x2])],
+                                self.backbone_chunk)[0]
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
         """x1, x2: (N, 3, H, W) the two views of the same N images. Returns the scalar loss.

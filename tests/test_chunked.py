@@ -103,15 +103,16 @@ def test_the_key_is_checked_and_a_backbone_with_batch_statistics_is_refused():
 
 
 @pytest.mark.slow
-def test_a_chunked_run_has_the_unchunked_runs_losses(baseline, tmp_path):  # noqa: F811
-    train_1proc(tmp_path, "--schedule.max_steps", "12", "--memory.backbone_chunk", "3")
-    one, chunked = losses(baseline), losses(tmp_path)
-    assert sorted(chunked) == list(range(1, 13))
+def test_a_chunked_run_has_the_unchunked_runs_losses_for_20_steps(tmp_path):
+    train_1proc(tmp_path / "whole", "--schedule.max_steps", "20")
+    train_1proc(tmp_path / "chunked", "--schedule.max_steps", "20", "--memory.backbone_chunk", "3")
+    whole, chunked = losses(tmp_path / "whole"), losses(tmp_path / "chunked")
+    assert sorted(chunked) == list(range(1, 21))
     for s in chunked:
-        assert chunked[s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), (s, chunked[s], one[s])
+        assert chunked[s] == pytest.approx(whole[s], rel=1e-5, abs=1e-6), (s, chunked[s], whole[s])
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_chunks_on_two_ranks_under_every_zero_stage_equal_one_unchunked_process(baseline, tmp_path, stage):  # noqa
     train_2proc(tmp_path, "--schedule.max_steps", "4", "--deepspeed.zero_optimization.stage", str(stage),
@@ -120,3 +121,41 @@ def test_chunks_on_two_ranks_under_every_zero_stage_equal_one_unchunked_process(
     assert sorted(two) == [1, 2, 3, 4]
     for s in two:
         assert two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), (s, two[s], one[s])
+
+
+# -- DINO: chunks within each crop group (2 global, 3 local crops) --------------------------------------
+def dino_loss_and_grads(chunk: int):
+    from fastmoco.dino import DINO
+    from test_dino import ARCH, crops
+    torch.manual_seed(0)
+    model = DINO(**ARCH, drop_path=0.0, backbone_chunk=chunk)
+    loss = model(*crops(3, seed=1), teacher_temp=0.04)   # groups of 6 global and 9 local images
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 9])
+def test_dino_chunks_give_the_whole_batch_gradients(chunk):
+    ref_loss, ref = dino_loss_and_grads(0)
+    loss, got = dino_loss_and_grads(chunk)
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert got.keys() == ref.keys() and any(n.startswith("student.backbone.blocks") for n in got)
+    scale = max(g.abs().max().item() for g in ref.values())
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6 * scale), n
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_dino_chunks_on_two_ranks_equal_the_unchunked_run(tmp_path, stage):
+    """Against the same two ranks unchunked (DINO under ZeRO-3 on two ranks differs from one process in
+    the fifth digit by itself: step 3 2.2595353 vs 2.2594945 here, chunks or not)."""
+    from test_dino import _losses, _train
+    common = ("--schedule.max_steps", "4", "--model.drop_path", "0.0",   # drop path: masks drawn per chunk
+              "--deepspeed.zero_optimization.stage", str(stage), "--deepspeed.train_micro_batch_size_per_gpu", "4")
+    _train(tmp_path / "whole", *common, nproc=2)
+    _train(tmp_path / "chunked", *common, "--memory.backbone_chunk", "3", nproc=2)
+    whole, chunked = _losses(tmp_path / "whole"), _losses(tmp_path / "chunked")
+    assert sorted(chunked) == [1, 2, 3, 4]
+    for s in chunked:
+        assert chunked[s] == pytest.approx(whole[s], rel=1e-6, abs=1e-7), (s, chunked[s], whole[s])
