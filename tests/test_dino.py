@@ -260,6 +260,7 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_dino_run_resumes_exactly(tmp_path):
     """12 steps (over the epoch ends at 8, with the last layer frozen in epoch 0, drop path on) equal

@@ -178,7 +178,7 @@ def official_checkpoint(path, arch, img_size, dim=32, mlp_dim=48, seed=0):
     return state
 
 
-@pytest.mark.parametrize("arch,img_size", [("vit_small", 32), ("vit_base", 48)])
+@pytest.mark.parametrize("arch,img_size", [("vit_small", 32), pytest.param("vit_base", 48, marks=pytest.mark.long)])
 def test_official_checkpoint_loads_exactly_and_exports_to_timm(tmp_path, arch, img_size):
     state = official_checkpoint(tmp_path / "checkpoint_0299.pth.tar", arch, img_size)
     sd, info = load_weights(tmp_path / "checkpoint_0299.pth.tar")
@@ -253,6 +253,7 @@ def test_bf16_zero0_export_reads_the_fp32_masters(tmp_path):
     assert finer > 10   # fp32 values that bf16 cannot hold: the masters, not the module
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_zero3_on_two_processes_exports_the_same_weights_as_zero0(tmp_path):
     """Each export equals its own run's gathered fp32 weights exactly; the ZeRO-3 run's export equals the

@@ -347,6 +347,7 @@ def test_trainer_steps_equal_official_train_one_epoch(one_process, stage):
                           first=g["run"]["freeze_last_layer"] * g["run"]["iters"])
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_trainer_steps_on_two_ranks_equal_official_train_one_epoch(tmp_path):
     """ZeRO-2 and ZeRO-3 on two gloo ranks (half the batch each): parameters cut between the ranks'

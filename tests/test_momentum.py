@@ -150,10 +150,10 @@ def _run(cmd, what, env=None):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, procs, extra", [
-    (0, 1, []), (1, 1, []), (2, 1, []), (3, 1, []),
-    # two ranks: ~10 s each on 2 cores, in the long run (`pytest -m long`)
+    (0, 1, []), (3, 1, []),
+    # ~7-10 s each on 2 cores: in the long run (`pytest -m long`)
     *(pytest.param(*case, marks=pytest.mark.long) for case in [
-        (0, 2, []), (1, 2, []), (2, 2, []), (3, 2, []),
+        (1, 1, []), (2, 1, []), (0, 2, []), (1, 2, []), (2, 2, []), (3, 2, []),
         (1, 2, ["--deepspeed.data_types", '{"grad_accum_dtype": "fp32"}']),  # DeepSpeed's BF16_Optimizer
     ]),
 ])

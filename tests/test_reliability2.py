@@ -316,6 +316,7 @@ def test_4_a_hung_read_stops_the_run_naming_the_file(tmp_path):
     assert "Last good checkpoint: none written yet" in last
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_4_sigterm_stops_a_run_that_waits_for_data(tmp_path):
     from fastmoco.preemption import DATA_WAIT_GRACE_S

@@ -338,6 +338,7 @@ def _run(cmd, what):
     return p
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_training_on_shards_resumes_mid_epoch_to_the_uninterrupted_losses(demo, tmp_path):
     pytest.importorskip("nvidia.dali")

@@ -108,6 +108,7 @@ def test_resume_reproduces_the_uninterrupted_run(baseline, tmp_path):
         assert two[s] == one[s]
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_dali_resume_reproduces_the_uninterrupted_run(tmp_path):
     """DALI's CPU twin on JPEGs: resumed mid-epoch, the losses after the resume (across two epoch

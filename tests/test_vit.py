@@ -8,7 +8,8 @@ from fastmoco.models.vit import VIT_SIZES, VisionTransformer, sincos_pos_embed_2
 
 
 
-@pytest.mark.parametrize("arch,img_size", [("vit_small", 64), ("vit_base", 48), ("vit_huge", 56)])
+@pytest.mark.parametrize("arch,img_size", [("vit_small", 64), ("vit_base", 48),
+                                          pytest.param("vit_huge", 56, marks=pytest.mark.long)])
 def test_state_dict_loads_into_timm_and_features_match(arch, img_size):
     torch.manual_seed(0)
     ours = VisionTransformer(arch, img_size=img_size).eval()
