@@ -177,7 +177,9 @@ def test_three_steps_equal_the_straightforward_implementation(fused):
                 if not p.requires_grad:
                     continue
                 mine = ours_grads[_our_name(name)].grad
-                torch.testing.assert_close(mine, p.grad, rtol=1e-4, atol=1e-6, msg=f"step {step} {name}")
+                # the fused loss sums in another order: fp32 noise relative to the tensor's largest entry
+                torch.testing.assert_close(mine, p.grad, rtol=1e-4, atol=max(1e-6, 1e-5 * p.grad.abs().max().item()),
+                                           msg=f"step {step} {name}")
             opt.step()
             model.update_teacher(ema_coefficients(momenta[step]))
             ref_opt.step()

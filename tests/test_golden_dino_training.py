@@ -320,8 +320,9 @@ def _check_against_golden(result: dict, stage: int, adamw: bool, first: int = 0)
             assert (mine is None) == (theirs is None), f"{where}: AdamW state {mine} vs the official {theirs}"
             if theirs is not None:
                 assert float(mine["step"]) == float(theirs["step"]), where
-                for k in ("exp_avg", "exp_avg_sq"):
-                    torch.testing.assert_close(mine[k], theirs[k], rtol=2e-4, atol=1e-9,
+                for k in ("exp_avg", "exp_avg_sq"):   # an entry near 0 carries the others' rounding noise,
+                    # which differs between CPUs (AVX-512 or AVX2 kernels): absolute tolerance from the largest
+                    torch.testing.assert_close(mine[k], theirs[k], rtol=2e-4, atol=2e-4 * theirs[k].abs().max().item(),
                                                msg=lambda m: f"{where} {k}: {m}")
     frozen_steps = run["freeze_last_layer"] * run["iters"]
     assert torch.equal(g["steps"][frozen_steps - 1]["student"][last], g["initial"][last])   # still at init

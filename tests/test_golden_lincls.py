@@ -9,7 +9,9 @@ import torch
 from golden import tensors
 from golden.gen_lincls import CASES, tiny_export
 
-RTOL = 1e-4   # the same seeded fp32 step on the CPU; thread counts may reorder sums
+RTOL = 1e-4    # the same seeded fp32 steps on the CPU: rounding differs between CPUs (measured: 1.1e-5 at most
+FLOOR = 1e-2   # between AVX-512 and AVX2 kernels); a tensor of norm below FLOOR (a bias whose exact gradient
+               # is 0, holding rounding noise only) is compared relative to FLOOR
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -34,5 +36,5 @@ def test_main_lincls_loads_the_backbone_and_only_the_linear_layer_is_missing(exp
                                   f"gone {gone[:5]}; if on purpose, regenerate: {tensors.REGENERATE}")
     got = {model_key: tensors.digest(sd[file_key]) for model_key, file_key in meta["loaded"].items()}
     want = {k[len("loaded/"):]: v for k, v in golden.items()}
-    bad = tensors.compare_digests(got, want, RTOL, what="main_lincls would load a different ")
+    bad = tensors.compare_digests(got, want, RTOL, floor=FLOOR, what="main_lincls would load a different ")
     assert not bad, "\n".join(bad)
