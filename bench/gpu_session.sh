@@ -117,8 +117,10 @@ for stage in $STAGES; do
         bench vit_b "$B_TIMEOUT" "$B_BUDGET" $B_ARGS || rc_all=1 ;;
     extra)  # 4. DINO ViT-S/16 (Trainer, e2e 2x224 + 10x96, peer), R50 vs its peer, evaluation extraction
         bench extra "$X_TIMEOUT" "$X_BUDGET" --only dino,r50,eval || rc_all=1 ;;
-    chunk)  # (not in the default) ViT-B/16 at the recipe's 4096 on one GPU with memory.backbone_chunk,
-            # beside the unchunked step at the largest micro batch that fits
+    chunk)  # (not in the default) the chunks' GPU tests (memory.backbone_chunk auto's probe, peak memory);
+            # ViT-B/16 at the recipe's 4096 on one GPU with memory.backbone_chunk, beside the unchunked
+            # step at the largest micro batch that fits
+        gpu_tests chunk "$MODEL_TESTS_TIMEOUT" tests/test_chunked.py || rc_all=1
         bench chunk "$C_TIMEOUT" "$C_BUDGET" --only model --arch vit_b --batch 4096 --builds chunked \
             --backbone-chunk "$C_CHUNK" --steps 2 --repeats 2 --max-batch vit_b --max-batch-start 256 \
             --max-batch-seconds 100 || rc_all=1 ;;

@@ -136,7 +136,7 @@ def trainer_from_config(config: str, *, batch: int, out_dir: str, data_dir: Path
 
 
 def build_trainer(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, smoke: bool, out_dir: str,
-                  data_dir: Path | None = None, threads: int = 0, chunk: int = 0):
+                  data_dir: Path | None = None, threads: int = 0, chunk: int | str = 0):
     """The Trainer of the arch's recipe config (`trainer_from_config`) at this shape; `chunk`: its
     memory.backbone_chunk."""
     config = SMOKE_CONFIG if smoke else ARCH_CONFIGS.get(arch)
@@ -240,7 +240,8 @@ def _measure_build(build: str, arch: str, img: int, batch: int, dim: int, mlp_di
             try:
                 notes.insert(0, trainer_notes(trainer))
                 if build == "chunked":
-                    notes.insert(1, f"backbone in chunks of {chunk} images (memory.backbone_chunk)")
+                    found = f" (auto: {trainer.model.backbone_chunk or 'the whole batch'})" if chunk == "auto" else ""
+                    notes.insert(1, f"backbone in chunks of {chunk}{found} images (memory.backbone_chunk)")
                 if build == "e2e":
                     notes.insert(1, f"DALI loader on {data_dir}")
                 batches = loader_batches(trainer) if build == "e2e" else device_batches(trainer, batch, img)

@@ -55,8 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", default="", help="model archs, comma-separated (vit_s, vit_b, vit_l, vit_h or full names)")
     p.add_argument("--builds", default="trainer,e2e,reference,peer,peer_compile",
                    help="model builds to run; also 'chunked': the Trainer with --backbone-chunk")
-    p.add_argument("--backbone-chunk", type=int, default=256,
-                   help="the chunked build's memory.backbone_chunk (images per backbone call)")
+    p.add_argument("--backbone-chunk", type=lambda v: v if v == "auto" else int(v), default=256,
+                   help="the chunked build's memory.backbone_chunk (images per backbone call, or auto)")
     p.add_argument("--max-batch", default="", help="archs whose largest micro batch per GPU to search (Trainer "
                                                   "step, the arch's recipe: vit_h is ZeRO-3 + bf16 + checkpointing)")
     p.add_argument("--max-batch-start", type=int, default=64, help="first batch the search tries")
@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quiet.configure(args.verbose)
     # the official-style DINO peer builds its head with torch.nn.utils.weight_norm, as DINO does
-    warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.nn\.utils\.weight_norm.* is deprecated",
+                            category=FutureWarning)
     args.only = [s for s in args.only.split(",") if s]
     bad = set(args.only) - set(SECTIONS)
     if bad:
@@ -386,7 +387,8 @@ def main(argv=None) -> int:
     deadline = Deadline(args.time_budget)
     data_dir, why = (None, None)
     model = None
-    if {"data", "e2e", "breakdown", "eval", "dino", "r50"} & set(args.only) or ("model" in args.only and "e2e" in args.builds):
+    needs_data = {"data", "e2e", "breakdown", "eval", "dino", "r50"} & set(args.only)
+    if needs_data or ("model" in args.only and "e2e" in args.builds):
         data_dir, why = _data_dir(args, smoke)
     for section in args.only:
         ts = time.perf_counter()

@@ -12,9 +12,15 @@ one gradient per chunk, so each chunk but the last sets `ds_grad_is_ready = Fals
 (DeepSpeed's switch for tiled computations: the gradient stays in `.grad`, reduced once with the
 last chunk's). Random state (drop path) is replayed: each chunk runs again from the RNG state its
 first run started from, as torch.utils.checkpoint does.
+
+`memory.backbone_chunk auto` (`auto_chunk`): on a GPU, the largest chunk that fits, found once at start
+from two small probes of the backbone's forward and backward (memory grows linearly in the images of a
+chunk), within 90% of the device memory not yet in use, less the gradients and optimizer moments the
+first step will allocate. Every rank takes the smallest rank's chunk. Off the GPU: the whole micro batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -87,3 +93,85 @@ def chunked_backbone(fn: Callable[[torch.Tensor], torch.Tensor], module: torch.n
         return [torch.cat([fn(x[a:b]) for a, b in spans(x.shape[0], size)]) for x in xs]
     anchor = torch.empty(0, requires_grad=True)   # makes the outputs part of the graph (xs need no gradient)
     return list(_ChunkedBackbone.apply(fn, params, size, anchor, *xs))
+
+
+# -- memory.backbone_chunk "auto" ---------------------------------------------------------------------------
+PROBE = (4, 8)       # images of the two probes: small enough to fit wherever one image's backbone does
+HEADROOM = 0.9       # of the memory still usable: the allocator's fragmentation, the heads, the no-grad passes
+
+
+def cuda_peak(run: Callable[[], None]) -> int:
+    """Peak bytes `run` allocates on the current CUDA device beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def probe_step(fn: Callable[[torch.Tensor], torch.Tensor], n: int, resolution: int, device,
+               dtype) -> Callable[[], None]:
+    """One chunk's work in the backward: the backbone's forward with autograd and its backward, here to
+    the images (parameter gradients, allocated once whatever the chunk, are counted apart)."""
+    def run():
+        x = torch.randn(n, 3, resolution, resolution, device=device, dtype=dtype, requires_grad=True)
+        with torch.enable_grad():
+            out = fn(x)
+            torch.autograd.grad(out, x, torch.ones_like(out))
+    return run
+
+
+def fit_chunk(measure: Callable[[int], int], images: int, budget: float) -> tuple[int, float, float]:
+    """The largest chunk of at most `images` whose measured bytes fit `budget`, from `measure(n)` (peak
+    bytes of one chunk of n images) at PROBE's two sizes: memory is base + n * per_image. Returns (chunk,
+    per_image, base); chunk 0 when all `images` fit at once; a multiple of 8 from 16 on (whole tiles for
+    the kernels). Raises ValueError when not even one image fits."""
+    n1, n2 = min(PROBE[0], images), min(PROBE[1], images)
+    m1 = measure(n1)
+    if n2 == n1:   # a micro batch of a few images: one probe says it all
+        per, base = m1 / n1, 0.0
+    else:
+        m2 = measure(n2)
+        per = max(m2 - m1, 0) / (n2 - n1)
+        base = m1 - n1 * per
+    fits = math.inf if per <= 0 else (budget - base) / per
+    if fits < 1:
+        raise ValueError(f"memory.backbone_chunk auto: the backbone's forward and backward of one image needs "
+                         f"{_gb(base + per)} and {_gb(max(budget, 0))} is left: the model does not fit this "
+                         "device (try model.grad_checkpointing true, or more processes with ZeRO-3)")
+    if fits >= images:
+        return 0, per, base
+    chunk = int(fits)
+    return (chunk // 8 * 8 if chunk >= 16 else chunk), per, base
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 2 ** 30:.2f} GiB"
+
+
+def auto_chunk(fn: Callable[[torch.Tensor], torch.Tensor], groups: list[tuple[int, int]], *, device,
+               dtype, reserve: int) -> tuple[int, str]:
+    """`memory.backbone_chunk auto` (module docstring): (chunk, the line that says what was found).
+    groups: (images, resolution) of each backbone call of a step; the probes run at the largest
+    resolution, so a chunk that fits there fits the others. `reserve`: bytes the first step will still
+    allocate (gradients, optimizer moments)."""
+    images = max(n for n, _ in groups)
+    resolution = max(r for _, r in groups)
+    if device.type != "cuda":
+        return 0, (f"memory.backbone_chunk auto: the whole micro batch ({images} images per backbone call): "
+                   "device memory is probed on a GPU only")
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = HEADROOM * usable - reserve
+    with torch.random.fork_rng(devices=[device]):   # the probes' draws (images, drop path) leave the run's alone
+        chunk, per, base = fit_chunk(lambda n: cuda_peak(probe_step(fn, n, resolution, device, dtype)), images,
+                                     budget)
+    torch.cuda.empty_cache()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        agreed = torch.tensor([chunk if chunk else images + 1], device=device)   # 0 (all fit) ranks last
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        chunk = 0 if agreed.item() > images else int(agreed.item())
+    found = "the whole micro batch fits" if chunk == 0 else f"{chunk} of {images} images per backbone call"
+    return chunk, (f"memory.backbone_chunk auto: {found} ({per / 2 ** 20:.1f} MiB per image at {resolution} px, "
+                   f"{_gb(base)} fixed; {_gb(budget)} usable of {_gb(total)})")

@@ -166,8 +166,9 @@ def _default_deepspeed() -> dict:
 @dataclass
 class MemoryConfig:
     # Images per backbone call (fastmoco/chunked.py): the backbone runs over the micro batch in chunks
-    # without autograd and again per chunk in the backward; gradients are the whole batch's. 0: off.
-    backbone_chunk: int = 0
+    # without autograd and again per chunk in the backward; gradients are the whole batch's. 0: off;
+    # "auto": on a GPU the largest chunk that fits, measured at start and logged (the CPU: off).
+    backbone_chunk: int | str = 0
 
 
 @dataclass
@@ -330,8 +331,10 @@ def validate(cfg: Config) -> None:
     _require(o.eps > 0, "optim.eps", o.eps, "> 0")
     _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "in [0, 1)")
     _require(o.trust_coefficient > 0, "optim.trust_coefficient", o.trust_coefficient, "> 0")
-    _require(cfg.memory.backbone_chunk >= 0, "memory.backbone_chunk", cfg.memory.backbone_chunk,
-             ">= 0 (images per backbone chunk; 0: the whole micro batch at once)")
+    chunk = cfg.memory.backbone_chunk
+    _require(chunk == "auto" or isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0,
+             "memory.backbone_chunk", chunk, "an integer >= 0 (images per backbone chunk; 0: the whole micro "
+             "batch at once) or \"auto\" (the largest chunk that fits the GPU)")
     _require(s.epochs >= 1, "schedule.epochs", s.epochs, ">= 1")
     _require(0 <= s.warmup_epochs <= s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
              f"in [0, schedule.epochs = {s.epochs}]")

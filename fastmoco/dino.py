@@ -111,7 +111,7 @@ class DINO(nn.Module):
                  out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  norm_last_layer: bool = True, drop_path: float = 0.1, student_temp: float = 0.1,
                  center_momentum: float = 0.9, num_global: int = 2, grad_checkpointing: bool = False,
-                 mlp_norm: str = "ln", backbone_chunk: int = 0):
+                 mlp_norm: str = "ln", backbone_chunk: int | str = 0):
         super().__init__()
         if backbone_chunk and mlp_norm != "ln":
             raise ValueError(f"memory.backbone_chunk {backbone_chunk}: model.mlp_norm {mlp_norm!r} puts BatchNorm "
@@ -124,10 +124,12 @@ class DINO(nn.Module):
                                     num_heads=num_heads, patch_size=patch_size, drop_path=path_rate,
                                     grad_checkpointing=grad_checkpointing, mlp_norm=mlp_norm)
             return Encoder(vit, DINOHead(vit.embed_dim, out_dim, hidden_dim, bottleneck_dim,
-                                         norm_last_layer=norm_last_layer), chunk=backbone_chunk)
+                                         norm_last_layer=norm_last_layer))
 
         self.student = encoder(drop_path)
         self.teacher = encoder(0.0)
+        # images per backbone call (fastmoco/chunked.py); 0: all; "auto": the Trainer sets it after measuring
+        self.backbone_chunk = 0 if backbone_chunk == "auto" else backbone_chunk
         self.teacher.load_state_dict(self.student.state_dict())
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -143,6 +145,14 @@ class DINO(nn.Module):
                    center_momentum=dino_cfg.center_momentum, num_global=dino_cfg.global_crops,
                    grad_checkpointing=model_cfg.grad_checkpointing, mlp_norm=model_cfg.mlp_norm,
                    backbone_chunk=memory_cfg.backbone_chunk if memory_cfg is not None else 0)
+
+    @property
+    def backbone_chunk(self) -> int:
+        return self.student.chunk
+
+    @backbone_chunk.setter
+    def backbone_chunk(self, chunk: int) -> None:   # student and teacher alike
+        self.student.chunk = self.teacher.chunk = chunk
 
     # The Trainer's names for the two encoders (MoCo: base_encoder / momentum_encoder).
     @property

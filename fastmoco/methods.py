@@ -10,6 +10,7 @@ evaluation and bench are shared (config key `method`).
     after = method.after_step(sched, device)                 # (module, step) -> None after the optimizer
                                                              # step, or None (DINO: the teacher's EMA)
     frozen = method.frozen(group, epoch)                     # the group's gradients dropped at that epoch
+    groups = method.backbone_calls(cfg, micro)               # (images, resolution) of each backbone call
     method.clip_per_parameter                                # > 0: each parameter's gradient clipped alone
 
 Views come from the loader as the data config's crop specs make them: MoCo v3
@@ -78,6 +79,9 @@ class MoCoV3:
     def after_step(self, sched: Schedules, device):
         return None
 
+    def backbone_calls(self, cfg, micro: int) -> list[tuple[int, int]]:
+        return [(2 * micro, cfg.data.image_size)]   # both views in one call
+
     def frozen(self, group: dict, epoch: int) -> bool:
         return False
 
@@ -127,6 +131,10 @@ class DINOMethod:
         the teacher after update t."""
         coef = _ema_table(sched, device)
         return lambda module, step: module.update_teacher(coef[step])
+
+    def backbone_calls(self, cfg, micro: int) -> list[tuple[int, int]]:
+        return [(cfg.dino.global_crops * micro, cfg.data.image_size), (cfg.data.local_crops * micro,
+                                                                         cfg.data.local_size)]
 
     def frozen(self, group: dict, epoch: int) -> bool:
         """DINO's freeze_last_layer: the head's last layer gets no gradient in the first epoch(s)

@@ -32,10 +32,11 @@ class MoCo(nn.Module):
 
     def __init__(self, arch: str = "vit_small", img_size: int = 224, dim: int = 256, mlp_dim: int = 4096,
                  tau: float = 0.2, frozen_patch_embed: bool = True, grad_checkpointing: bool = False, *,
-                 patch_size: int = 0, num_heads: int = 0, mlp_norm: str = "ln", backbone_chunk: int = 0):
+                 patch_size: int = 0, num_heads: int = 0, mlp_norm: str = "ln", backbone_chunk: int | str = 0):
         super().__init__()
         self.tau = tau
-        self.backbone_chunk = backbone_chunk   # images per backbone call (fastmoco/chunked.py); 0: all
+        # images per backbone call (fastmoco/chunked.py); 0: all; "auto": the Trainer sets it after measuring
+        self.backbone_chunk = 0 if backbone_chunk == "auto" else backbone_chunk
         if arch in RESNET_ARCHS:  # MoCo_ResNet: the trunk's BN over the global batch, projector at `fc`
             self.base_encoder = ResNet(arch)
         else:

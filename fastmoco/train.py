@@ -223,12 +223,28 @@ class Trainer:
         # After DeepSpeed cast (bf16) and re-pointed/partitioned (ZeRO) the parameters; under bf16
         # the EMA reads the optimizer's fp32 master in the layout of the ZeRO stage.
         self.model.build_momentum_state(self.optimizer, self.rank)
+        if cfg.memory.backbone_chunk == "auto":
+            self._fit_backbone_chunk()
 
         self.step, self.epoch = 0, 0
         self.saved_step = -1
         self.preempt = preempt or Preemption(every=cfg.logging.check_finite_every)
         if resume_path is not None:
             self._resume(resume_path)
+
+    def _fit_backbone_chunk(self) -> None:
+        """memory.backbone_chunk auto (fastmoco/chunked.py): the largest chunk that fits, measured once.
+        Held back for the first step: every trainable parameter's gradient and its two fp32 optimizer
+        moments (ZeRO >= 1: this rank's share), counted whether or not the optimizer made them already."""
+        from fastmoco.chunked import auto_chunk
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters() if p.requires_grad)
+        share = self.world if self.zero_stage >= 1 else 1
+        reserve = trainable * (2 if self.bf16 else 4) + trainable * 8 // share
+        chunk, line = auto_chunk(lambda x: self.model.online_backbone(x, head=False),
+                                 self.method.backbone_calls(self.cfg, self.micro), device=self.device,
+                                 dtype=torch.bfloat16 if self.bf16 else torch.float32, reserve=reserve)
+        self.model.backbone_chunk = chunk
+        self._print(line)
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _run_shape(self) -> dict:
