@@ -165,6 +165,7 @@ def auto_chunk(fn: Callable[[torch.Tensor], torch.Tensor], groups: list[tuple[in
     usable = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     budget = HEADROOM * usable - reserve
     with torch.random.fork_rng(devices=[device]):   # the probes' draws (images, drop path) leave the run's alone
+        probe_step(fn, min(PROBE[0], images), resolution, device, dtype)()   # one-time allocations (workspaces)
         chunk, per, base = fit_chunk(lambda n: cuda_peak(probe_step(fn, n, resolution, device, dtype)), images,
                                      budget)
     torch.cuda.empty_cache()
