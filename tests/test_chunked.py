@@ -29,6 +29,19 @@ def loss_and_grads(model: MoCo, x1, x2):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_grads_close(got: dict, ref: dict, rtol: float = 1e-4) -> None:
+    """Every gradient equal up to summation order: each tensor's difference relative to its norm, or to a
+    thousandth of the largest gradient's norm for a tensor below that (a bias whose exact gradient is 0,
+    such as the final norm's ahead of the projector's BatchNorm, holds rounding noise only). Measured
+    between chunked and whole: 3e-7 with AVX-512 kernels, 1.2e-5 with AVX2 ones; a chunk lost or counted
+    twice is an error of 1e-1 or more."""
+    assert got.keys() == ref.keys()
+    floor = 1e-3 * max(g.norm().item() for g in ref.values())
+    for n in ref:
+        err = (got[n] - ref[n]).norm().item() / max(ref[n].norm().item(), floor)
+        assert err <= rtol, (n, err)
+
+
 @pytest.mark.parametrize("frozen,checkpointing", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize("chunk", [1, 2, 3, 10])
 def test_chunks_give_the_whole_batch_gradients(chunk, frozen, checkpointing):
@@ -36,12 +49,10 @@ def test_chunks_give_the_whole_batch_gradients(chunk, frozen, checkpointing):
     x1, x2 = torch.randn(5, 3, 32, 32), torch.randn(5, 3, 32, 32)   # 10 views: 3 does not divide them
     ref_loss, ref = loss_and_grads(tiny_moco(0, frozen), x1, x2)
     loss, got = loss_and_grads(tiny_moco(chunk, frozen, checkpointing=checkpointing), x1, x2)
-    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)   # a few fp32 ulps: the sums run in another order
     assert got.keys() == ref.keys() and any(n.startswith("base_encoder.blocks") for n in got)
     assert ("base_encoder.patch_embed.proj.weight" in got) == (not frozen)
-    scale = max(g.abs().max().item() for g in ref.values())   # up to summation order: fp32 rounding of the
-    for n in ref:                                             # largest gradient (a bias before BN has ~0)
-        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6 * scale), n
+    assert_grads_close(got, ref)
 
 
 def test_a_chunk_runs_again_with_the_random_state_of_its_first_run():
@@ -67,10 +78,8 @@ def test_a_chunk_runs_again_with_the_random_state_of_its_first_run():
     from fastmoco import ops
     ref_loss = ops.symmetric_contrastive_loss(q1, q2, k1, k2, ref_model.tau, 0)
     ref_loss.backward()
-    assert torch.allclose(loss, ref_loss.detach(), rtol=1e-6)
-    for n, p in ref_model.named_parameters():
-        if p.grad is not None:
-            assert torch.allclose(got[n], p.grad, rtol=1e-5, atol=1e-7), n
+    assert torch.allclose(loss, ref_loss.detach(), rtol=1e-5)
+    assert_grads_close(got, {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None})
 
 
 def saved_bytes(chunk: int, n: int) -> int:
@@ -145,11 +154,9 @@ def dino_loss_and_grads(chunk: int):
 def test_dino_chunks_give_the_whole_batch_gradients(chunk):
     ref_loss, ref = dino_loss_and_grads(0)
     loss, got = dino_loss_and_grads(chunk)
-    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)   # a few fp32 ulps: the sums run in another order
     assert got.keys() == ref.keys() and any(n.startswith("student.backbone.blocks") for n in got)
-    scale = max(g.abs().max().item() for g in ref.values())
-    for n in ref:
-        assert torch.allclose(got[n], ref[n], rtol=1e-4, atol=1e-6 * scale), n
+    assert_grads_close(got, ref)
 
 
 @pytest.mark.long

@@ -379,4 +379,5 @@ def test_bf16_wrappers_clip_per_parameter_and_freeze_the_last_layer(one_process,
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2:])
+    from fastmoco.distributed import process_entry
+    process_entry(lambda argv: _worker(argv[0], argv[1:]))()   # ends like fastmoco's own entries (end_process)

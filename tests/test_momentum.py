@@ -249,4 +249,5 @@ def _worker(out: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2:])
+    from fastmoco.distributed import process_entry
+    process_entry(lambda argv: _worker(argv[0], argv[1:]))()   # ends like fastmoco's own entries (end_process)
