@@ -278,16 +278,25 @@ def test_dino_run_resumes_exactly(tmp_path):
     assert len(set(a.values())) == 12
 
 
+@pytest.fixture(scope="module")
+def dino_one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dino_one")
+    _train(out, "--schedule.max_steps", "4", "--model.drop_path", "0.0")
+    return _losses(out)
+
+
 @pytest.mark.slow
-def test_dino_two_ranks_equal_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    _train(one, "--schedule.max_steps", "4", "--model.drop_path", "0.0")
-    _train(two, "--schedule.max_steps", "4", "--model.drop_path", "0.0",
-           "--deepspeed.train_micro_batch_size_per_gpu", "4", nproc=2)
-    a, b = _losses(one), _losses(two)
+@pytest.mark.parametrize("stage", [0, 3])
+def test_dino_two_ranks_equal_one_process(dino_one_process, tmp_path, stage):
+    """To fp32 rounding (measured 1e-7 relative). ZeRO-3 keeps the teacher's small parameters whole
+    between steps: unless they are gathered again after the EMA, the teacher forward reads them one
+    update late (step 3 was 1.8e-5 off, step 4 4.4e-5; fastmoco/momentum.py _shard_pieces)."""
+    _train(tmp_path, "--schedule.max_steps", "4", "--model.drop_path", "0.0", "--deepspeed.zero_optimization.stage",
+           str(stage), "--deepspeed.train_micro_batch_size_per_gpu", "4", nproc=2)
+    a, b = dino_one_process, _losses(tmp_path)
     assert sorted(b) == [1, 2, 3, 4]
     for s in b:
-        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), (s, a[s], b[s])
+        assert b[s] == pytest.approx(a[s], rel=5e-6), (s, a[s], b[s])
 
 
 @pytest.mark.slow

@@ -63,11 +63,14 @@ def baseline(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_processes_equal_one_on_the_global_batch(baseline, tmp_path, stage):
-    train_2proc(tmp_path, "--schedule.max_steps", "4", "--deepspeed.zero_optimization.stage", str(stage))
+    """To fp32 rounding: measured 6e-7 relative at most over 12 steps under ZeRO-3. (Before the momentum
+    encoder's small ZeRO-3 parameters were gathered again after each EMA update, its forward read them one
+    update late: 3.7e-5 off by step 8.)"""
+    train_2proc(tmp_path, "--schedule.max_steps", "8", "--deepspeed.zero_optimization.stage", str(stage))
     one, two = losses(baseline), losses(tmp_path)
-    assert sorted(two) == [1, 2, 3, 4]
+    assert sorted(two) == list(range(1, 9))
     for s in two:
-        assert two[s] == pytest.approx(one[s], rel=1e-5, abs=1e-6), (s, two[s], one[s])
+        assert two[s] == pytest.approx(one[s], rel=5e-6), (s, two[s], one[s])
     dump = torch.load(tmp_path / "dump.pt")
     if stage == 3:
         # every rank holds half (rounded up) of every parameter of both encoders
