@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,9 +86,9 @@ def test_a_chunk_runs_again_with_the_random_state_of_its_first_run():
     assert_grads_close(got, {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None})
 
 
-def saved_bytes(chunk: int, n: int) -> int:
-    """Bytes autograd keeps for the backward of one step at micro batch n (saved-tensor hooks: the
-    activations a step holds between its forward and backward)."""
+def kept_bytes(run) -> int:
+    """Bytes autograd keeps for the backward while `run()` runs (saved-tensor hooks: the activations a
+    forward holds until its backward)."""
     total = 0
 
     def pack(t):
@@ -92,11 +96,18 @@ def saved_bytes(chunk: int, n: int) -> int:
         total += t.numel() * t.element_size()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return total
+
+
+def saved_bytes(chunk: int, n: int) -> int:
+    """Bytes autograd keeps for the backward of one step at micro batch n."""
     model = tiny_moco(chunk)
     x1, x2 = torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x1, x2)
-    loss.backward()
+    loss = []
+    total = kept_bytes(lambda: loss.append(model(x1, x2)))
+    loss[0].backward()
     return total
 
 
@@ -219,15 +230,7 @@ def test_auto_chunk_probes_the_real_backbone_and_its_chunk_fits_the_budget():
     backbone = tiny_moco(0).base_encoder
 
     def kept(n):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            probe_step(lambda x: backbone(x, head=False), n, 32, torch.device("cpu"), torch.float32)()
-        return total
+        return kept_bytes(probe_step(lambda x: backbone(x, head=False), n, 32, torch.device("cpu"), torch.float32))
 
     budget = (kept(20) + kept(21)) / 2
     chunk, per, base = fit_chunk(kept, 100, budget)
@@ -246,11 +249,6 @@ def test_auto_on_the_cpu_is_the_whole_batch_and_says_so(tmp_path):
 def test_a_chunked_run_stopped_by_sigterm_resumes_exactly_with_the_knn_monitor(tmp_path):
     """Preemption, exact resume and the kNN monitor with chunks: SIGTERM at step 3 saves at step 4; the
     resumed run's losses and kNN records equal an uninterrupted chunked run's bit for bit."""
-    import os
-    import signal
-    import sys
-    from pathlib import Path
-
     from fastmoco.pipelines.demo_data import make_demo_data
     from test_reliability import COMMON, WORKER, _popen, _wait_for, train
     from limits import communicate_until_hang
