@@ -377,3 +377,49 @@ def test_the_chunked_build_runs_beside_the_trainer_and_is_compared_with_it(tmp_p
     assert recs["chunked"]["status"] == "ok" and "backbone in chunks of 2 images" in recs["chunked"]["notes"]
     assert recs["chunked"]["batch"] == recs["trainer"]["batch"] == 2   # 4 views: two chunks
     assert recs["ratio"]["metrics"]["chunked_over_trainer"] > 0
+
+
+# -- bench/gpu_session.sh: its tests stage, run here on planted test files ---------------------------------------
+def test_gpu_session_tests_stage_reports_every_file_and_fails_on_any(tmp_path):
+    """The stage runs each file in its own pytest (here two at a time), cuts a hung one at TEST_TIMEOUT,
+    lists every file with its exit status in gpu_tests.txt, fails the session when any file did not
+    pass, and leaves at most 8 files under $OUT (what a device call brings back)."""
+    planted = {
+        "test_planted_pass.py": "@pytest.mark.gpu\ndef test_ok():\n    pass\n",
+        "test_planted_fail.py": "@pytest.mark.gpu\ndef test_wrong():\n    assert 1 == 2, 'planted failure'\n",
+        "test_planted_hang.py": "@pytest.mark.gpu\ndef test_hangs():\n    time.sleep(600)\n",
+    }
+    for name, body in planted.items():
+        (tmp_path / name).write_text("import time\nimport pytest\n\n\n" + body)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "STAGES": "tests", "TEST_JOBS": "2",
+           "TEST_TIMEOUT": "20", "TEST_FILES": " ".join(str(tmp_path / n) for n in sorted(planted))}
+    proc = run_until_hang(["bash", str(REPO / "bench" / "gpu_session.sh")], "gpu_session.sh's tests stage",
+                          env=env, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    report_text = (out / "gpu_tests.txt").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:3] for line in report_text.splitlines()
+            if line.startswith(f"| {tmp_path}")}
+    assert {Path(f).name: r[0] for f, r in rows.items()} == {
+        "test_planted_fail.py": "1", "test_planted_hang.py": "124", "test_planted_pass.py": "0"}, report_text
+    assert int(rows[str(tmp_path / "test_planted_hang.py")][1]) < 60
+    assert "planted failure" in report_text and "TIMED OUT after 20 s" in report_text
+    assert "1 passed" in report_text
+    log = (out / "log.txt").read_text()
+    assert "== environment" in log and "something failed" in log
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
+
+
+def test_gpu_session_finds_every_gpu_test_file():
+    """Without TEST_FILES the stage takes the files from pytest's own collection of `-m gpu`: the same
+    files the marker selects (the stage cannot leave one out the way a hand-kept list did)."""
+    script = (REPO / "bench" / "gpu_session.sh").read_text()
+    command = script[script.index('files=$("$PY" -m pytest'):script.index("sort -u)") + len("sort -u")]
+    command = command.replace("files=$(", "").replace('"$PY"', sys.executable).replace("\\\n", " ")
+    listed = run_until_hang(["bash", "-c", command], "the stage's collection of GPU test files",
+                            capture_output=True, text=True, cwd=REPO).stdout.split()
+    marked = sorted(f"tests/{p.name}" for p in (REPO / "tests").glob("test_*.py")
+                    if "mark.gpu" in p.read_text() and p.name != "test_bench.py")
+    assert listed == marked
+    assert {"tests/test_attention.py", "tests/test_momentum.py", "tests/test_pipelines_dali.py",
+            "tests/test_attention_maps.py", "tests/test_chunked.py"} <= set(listed)
