@@ -23,8 +23,9 @@ marker of its own, so its normal step gains no host sync:
 On the GPU each marker is a CUDA event on the current stream (the phases are GPU time between
 them; one synchronize after the last step); on the CPU, time.perf_counter(). The data-stall
 fraction is the data phase's share of the end-to-end step. The kernel table comes from
-torch.profiler over a few more steps; the optimizer phase's own kernels (and its host time, which
-says whether it is host-bound) from one more profiled pass (`phase_kernels`).
+torch.profiler over a few more steps, which also give how busy the GPU was (`device_busy`: a step
+the host holds back leaves it idle; both sources); the optimizer phase's own kernels (and its host
+time, which says whether it is host-bound) from one more profiled pass (`phase_kernels`).
 """
 from __future__ import annotations
 
@@ -153,9 +154,40 @@ def _profiled_steps(trainer, batches, steps: int):
     return prof
 
 
-def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict]:
+def busy_fraction(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(busy, span) of (start, end) intervals: the length of their union, and from the first start
+    to the last end."""
+    if not intervals:
+        return 0.0, 0.0
+    busy, (cur_start, cur_end) = 0.0, min(intervals)
+    for start, end in sorted(intervals):
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    return busy, max(end for _, end in intervals) - min(start for start, _ in intervals)
+
+
+def device_busy(prof, steps: int) -> dict | None:
+    """How much of the profiled steps the GPU spent computing: the union of its kernels and copies
+    (every stream, DALI's too) over the span from the first one's start to the last one's end. Low
+    busy in a slow step means the GPU waits for the host (kernel launches, DeepSpeed's host work, the
+    data feeder): fewer launches (CUDA graphs), less host work or host work off the step's thread
+    would pay, faster kernels would not. None without device events (the CPU)."""
+    from torch.autograd import DeviceType
+
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy, span = busy_fraction(spans)
+    if not span:
+        return None
+    return {"busy": busy / span, "idle_ms_per_step": (span - busy) / 1e3 / steps}
+
+
+def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> tuple[list[dict], dict | None]:
     """The n operations with the most self time (device kernels on the GPU, CPU ops otherwise)
-    over `steps` steps of torch.profiler."""
+    over `steps` steps of torch.profiler, and how busy the GPU was (`device_busy`)."""
     cuda = trainer.device.type == "cuda"
     prof = _profiled_steps(trainer, batches, steps)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -163,7 +195,7 @@ def top_kernels(trainer, batches, steps: int, n: int = TOP_KERNELS) -> list[dict
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     return [{"name": e.key[:90], "ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
-             "calls_per_step": e.count / steps} for e in events[:n]]
+             "calls_per_step": e.count / steps} for e in events[:n]], device_busy(prof, steps)
 
 
 def phase_kernels(trainer, batches, steps: int, phase: str = "optimizer", n: int = TOP_KERNELS) -> dict:
@@ -231,7 +263,9 @@ def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, 
                     batches = (model_step.loader_batches(trainer) if source == "dali"
                                else model_step.device_batches(trainer, batch, img))
                     res = run_phases(trainer, batches, steps, warmup)
-                    kernels = top_kernels(trainer, batches, profile_steps) if source == "device" else []
+                    kernels, busy = top_kernels(trainer, batches, profile_steps)
+                    if source != "device":   # the table's kernels are the device-batch step's; busy: both
+                        kernels = []
                     optimizer = (phase_kernels(trainer, batches, profile_steps, "optimizer")
                                  if source == "device" else None)
                     notes = model_step.trainer_notes(trainer)
@@ -241,7 +275,7 @@ def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, 
             out.append({**rec, "status": "unavailable", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
             continue
         metrics = {**res, "img_per_s": batch / (res["step_ms"] / 1e3), "top_kernels": kernels,
-                   "optimizer_kernels": optimizer}
+                   "optimizer_kernels": optimizer, "gpu_busy": busy}
         out.append({**rec, "status": "ok", "batch": batch, "metrics": metrics, "figures": {}, "notes": notes})
     return out
 
@@ -268,6 +302,11 @@ def table(recs: list[dict], markdown: bool = False) -> str:
             if r["build"] == "dali":
                 lines.append(f"\ndata stall of the end-to-end step ({r['name']}, DALI): "
                              f"{r['metrics']['data_stall']:.1%} of the step")
+        busy = [r for r in ok if r["metrics"].get("gpu_busy")]
+        if busy:
+            lines.append("\nGPU busy (kernels and copies over the profiled steps; low: the GPU waits for the host): "
+                         + "; ".join(f"{r['name']} {r['build']} {r['metrics']['gpu_busy']['busy']:.1%}, idle "
+                                     f"{r['metrics']['gpu_busy']['idle_ms_per_step']:.1f} ms a step" for r in busy))
         for r in ok:
             if r["metrics"].get("top_kernels"):
                 lines.append(f"\ntop kernels ({r['name']} {r['build']}, self time per step):\n")

@@ -270,6 +270,40 @@ def test_breakdown_puts_known_delays_in_their_phases(tmp_path):
     assert all(r["restored"])  # the markers leave the training step as it was
 
 
+def test_gpu_busy_is_the_union_of_device_intervals_over_their_span():
+    from bench.breakdown import busy_fraction, device_busy, table
+
+    # overlapping streams (DALI's beside the step's) count once; a gap of 3 counts as idle
+    assert busy_fraction([(0, 4), (2, 5), (8, 10), (9, 9.5)]) == (7, 10)
+    assert busy_fraction([(5, 6), (0, 1)]) == (2, 6)
+    assert busy_fraction([]) == (0.0, 0.0)
+
+    class Event:
+        def __init__(self, device, start, end):
+            from torch.autograd import DeviceType
+            self.device_type = DeviceType.CUDA if device else DeviceType.CPU
+            self.time_range = type("Range", (), {"start": start, "end": end})()
+
+    class Prof:
+        def __init__(self, events):
+            self._events = events
+
+        def events(self):
+            return self._events
+
+    # host ops are not GPU work: only device events count; 2 steps over 2000 us, 1400 us busy
+    busy = device_busy(Prof([Event(False, 0, 2000), Event(True, 0, 400), Event(True, 1000, 1200),
+                             Event(True, 1100, 2000)]), steps=2)
+    assert busy == pytest.approx({"busy": 1400 / 2000, "idle_ms_per_step": 0.3})
+    assert device_busy(Prof([Event(False, 0, 10)]), steps=1) is None   # the CPU: no line
+    rec = {"section": "breakdown", "name": "vit_base", "build": "dali", "status": "ok", "batch": 256,
+           "metrics": {"phase_ms": {p: 1.0 for p in ("data", "online", "ema", "momentum", "loss", "backward",
+                                                      "optimizer", "logging")}, "step_ms": 8.0, "img_per_s": 1.0,
+                       "data_stall": 0.125, "gpu_busy": busy}}
+    assert "GPU busy (kernels and copies over the profiled steps; low: the GPU waits for the host): vit_base dali " \
+           "70.0%, idle 0.3 ms a step" in table([rec])
+
+
 MAX_BATCH_CHECK = """
 import json, torch
 from bench import model_step
