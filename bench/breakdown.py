@@ -22,7 +22,8 @@ marker of its own, so its normal step gains no host sync:
 
 On the GPU each marker is a CUDA event on the current stream (the phases are GPU time between
 them; one synchronize after the last step); on the CPU, time.perf_counter(). The data-stall
-fraction is the data phase's share of the end-to-end step. The kernel table comes from
+fraction is the data phase's share of the end-to-end step; the DALI loader's own host clock says how
+much of it the training thread spends in pipe.run() and, within it, in the feeder (`data_host_ms`). The kernel table comes from
 torch.profiler over a few more steps, which also give how busy the GPU was (`device_busy`: a step
 the host holds back leaves it idle; both sources); the optimizer phase's own kernels (and its host
 time, which says whether it is host-bound) from one more profiled pass (`phase_kernels`).
@@ -103,12 +104,24 @@ def instrumented(trainer, markers: Markers):
         yield
 
 
-def run_phases(trainer, batches, steps: int, warmup: int) -> dict:
-    """Mean and median ms per phase over `steps` steps (after `warmup`), and the data-stall fraction."""
+def data_host_ms(before: dict, after: dict) -> dict | None:
+    """The training thread's ms per batch in the DALI loader's pipe.run() and, within it, in its
+    feeder, between two `host_time()` readings."""
+    n = after["batches"] - before["batches"]
+    if n <= 0:
+        return None
+    return {"run_ms": (after["run_s"] - before["run_s"]) * 1e3 / n,
+            "feeder_ms": (after["feeder_s"] - before["feeder_s"]) * 1e3 / n, "batches": n}
+
+
+def run_phases(trainer, batches, steps: int, warmup: int, host_clock=None) -> dict:
+    """Mean and median ms per phase over `steps` steps (after `warmup`), and the data-stall fraction;
+    with `host_clock` (the DALI loader's `host_time`), its `data_host_ms` over the same steps."""
     from fastmoco.metrics import MetricLogger
 
     c = trainer.cfg.logging
     markers = Markers(trainer.device)
+    host_before = None
     with tempfile.TemporaryDirectory(prefix="fastmoco-breakdown-") as tmp:
         log = MetricLogger(tmp, log_every=c.log_every, check_every=c.check_finite_every,
                            total_steps=trainer.step + warmup + steps, global_batch=trainer.global_batch,
@@ -116,6 +129,8 @@ def run_phases(trainer, batches, steps: int, warmup: int) -> dict:
                            start_step=trainer.step)
         with instrumented(trainer, markers):
             for i in range(warmup + steps):
+                if i == warmup and host_clock:
+                    host_before = host_clock()
                 markers.new_step()
                 markers.mark()
                 x1, x2 = next(batches)
@@ -126,6 +141,7 @@ def run_phases(trainer, batches, steps: int, warmup: int) -> dict:
                 log.after_step(trainer.step, trainer.lrs[trainer.step - 1], trainer.momenta[trainer.step - 1], 0)
                 markers.mark()
         log.close()
+    data_host = data_host_ms(host_before, host_clock()) if host_before else None
     per_step = markers.phases()[warmup:]
     bad = [len(s) for s in per_step if len(s) != len(PHASES)]
     if bad:
@@ -135,7 +151,8 @@ def run_phases(trainer, batches, steps: int, warmup: int) -> dict:
     mean = {p: statistics.fmean(col) for p, col in zip(PHASES, cols)}
     total = sum(mean.values())
     return {"phase_ms": mean, "phase_median_ms": {p: statistics.median(col) for p, col in zip(PHASES, cols)},
-            "step_ms": total, "data_stall": mean["data"] / total if total else 0.0, "steps": steps}
+            "step_ms": total, "data_stall": mean["data"] / total if total else 0.0, "steps": steps,
+            "data_host": data_host}
 
 
 def _profiled_steps(trainer, batches, steps: int):
@@ -262,7 +279,8 @@ def bench_breakdown(arch: str, *, img: int, batch: int, dim: int, mlp_dim: int, 
                 try:
                     batches = (model_step.loader_batches(trainer) if source == "dali"
                                else model_step.device_batches(trainer, batch, img))
-                    res = run_phases(trainer, batches, steps, warmup)
+                    res = run_phases(trainer, batches, steps, warmup,
+                                     getattr(trainer.loader, "host_time", None) if source == "dali" else None)
                     kernels, busy = top_kernels(trainer, batches, profile_steps)
                     if source != "device":   # the table's kernels are the device-batch step's; busy: both
                         kernels = []
@@ -302,6 +320,10 @@ def table(recs: list[dict], markdown: bool = False) -> str:
             if r["build"] == "dali":
                 lines.append(f"\ndata stall of the end-to-end step ({r['name']}, DALI): "
                              f"{r['metrics']['data_stall']:.1%} of the step")
+                host = r["metrics"].get("data_host")
+                if host:
+                    lines.append(f"host time of its data phase: pipe.run() {host['run_ms']:.2f} ms a step, of which "
+                                 f"the feeder {host['feeder_ms']:.2f} ms (the rest waits for DALI's threads)")
         busy = [r for r in ok if r["metrics"].get("gpu_busy")]
         if busy:
             lines.append("\nGPU busy (kernels and copies over the profiled steps; low: the GPU waits for the host): "

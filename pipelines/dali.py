@@ -76,7 +76,11 @@ its (seed, epoch, step) but not the uninterrupted run's draws.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import itertools
+import queue
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -191,6 +195,11 @@ class EncodedFeeder:
     by repeating samples (the loader drops the padding). Files are read by a small thread
     pool (`FileReader`: file reads release the GIL; a read that hangs past data.read_timeout
     stops the run naming the file).
+
+    DALI calls the feeder from the training thread (inside `pipe.run()`), so each call hands out the
+    batch read ahead during the previous step and starts reading the next one on a thread of its
+    own: the training thread waits for no file. `wait_s` and `calls` count the training thread's time
+    in the feeder (the breakdown reports it per step).
     """
 
     def __init__(self, source, cursor: DataCursor, bad: BadSamples | None = None):
@@ -198,24 +207,66 @@ class EncodedFeeder:
         self.bad = bad or source.bad_samples(1.0)
         self.batch_size = cursor.plan.batch_size
         self._batches = cursor.batches(across_epochs=True)  # from the cursor's position now
+        self._ahead: tuple[list[int], list[int], concurrent.futures.Future] | None = None
+        self._tasks: queue.SimpleQueue | None = None
+        self.wait_s, self.calls = 0.0, 0
 
     def __call__(self):
+        t0 = time.perf_counter()
+        if self._ahead is None:   # the first call: nothing was read ahead
+            indices = self._next_indices()
+            read = self._read(indices)
+        else:
+            indices, samples, future = self._ahead
+            self._ahead = None
+            read = self._read(indices, ahead=(samples, future.result()))
+        upcoming = self._next_indices()
+        samples = [self.bad.replacement(i) for i in upcoming]   # after this batch's marks
+        self._ahead = upcoming, samples, self._submit(samples)
+        self.wait_s += time.perf_counter() - t0
+        self.calls += 1
+        return [data for _, data, _ in read], [np.array([label], dtype=np.int32) for _, _, label in read]
+
+    def _next_indices(self) -> list[int]:
         _, _, idx = next(self._batches)
         if len(idx) < self.batch_size:  # evaluation's last batch: pad
             idx = np.resize(idx, self.batch_size)
-        read = self._read([int(i) for i in idx])
-        return [data for _, data, _ in read], [np.array([label], dtype=np.int32) for _, _, label in read]
+        return [int(i) for i in idx]
 
-    def _read(self, indices: list[int]) -> list[tuple[int, np.ndarray, int]]:
+    def _submit(self, samples: list[int]) -> concurrent.futures.Future:
+        """source.read_batch(samples) on the feeder's read-ahead thread."""
+        if self._tasks is None:
+            self._tasks = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(self.source, self._tasks), name="fastmoco-read-ahead",
+                             daemon=True).start()   # daemon: a read hung on the filesystem does not block exit
+        future = concurrent.futures.Future()
+        self._tasks.put((samples, future))
+        return future
+
+    @staticmethod
+    def _work(source, tasks: queue.SimpleQueue) -> None:
+        while (task := tasks.get()) is not None:
+            samples, future = task
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(source.read_batch(samples))
+                except BaseException as e:  # noqa: BLE001 - raised in the training thread by future.result()
+                    future.set_exception(e)
+
+    def _read(self, indices: list[int], ahead=None) -> list[tuple[int, np.ndarray, int]]:
         """(index, bytes, label) per sample: the sample's own, or its stand-in's where it is known bad
-        or cannot be read (deleted or replaced since the scan, in a truncated shard)."""
+        or cannot be read (deleted or replaced since the scan, in a truncated shard). `ahead`: (samples,
+        source.read_batch(samples)) read ahead, used when the samples wanted are still those."""
         out: list = [None] * len(indices)
         current, todo = list(indices), list(range(len(indices)))
         while todo:
             for k in todo:
                 current[k] = self.bad.replacement(current[k])
+            wanted = [current[k] for k in todo]
+            read = ahead[1] if ahead is not None and ahead[0] == wanted else self.source.read_batch(wanted)
+            ahead = None
             failed = []
-            for k, (data, label) in zip(todo, self.source.read_batch([current[k] for k in todo])):
+            for k, (data, label) in zip(todo, read):
                 if isinstance(data, OSError):
                     self.bad.mark(current[k], f"unreadable ({data.strerror or data})")
                     failed.append(k)
@@ -225,6 +276,13 @@ class EncodedFeeder:
         return out
 
     def close(self) -> None:
+        """Stop reading ahead (a read in flight finishes on its own) and close the source."""
+        if self._ahead is not None:
+            self._ahead[2].cancel()
+            self._ahead = None
+        if self._tasks is not None:
+            self._tasks.put(None)
+            self._tasks = None
         self.source.close()
 
 
@@ -294,6 +352,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         self.hw_decoder_load = hw_decoder_load
         self.prefetch_queue_depth = prefetch_queue_depth
         self.last_debug: dict | None = None
+        self._host = {"feeder_s": 0.0, "run_s": 0.0, "batches": 0}   # of feeders closed and runs done
         self._pipe = None
         self._feeder: EncodedFeeder | None = None
         self._pipe_moves = -1   # the cursor's `moves` when the pipeline was built: another means a jump
@@ -324,6 +383,7 @@ class DaliTwoCropLoader(TwoCropLoader):
         Its random ops start from the loaded DALI state if there is one, else from a seed."""
         if self._feeder is not None:
             self._feeder.close()
+            self._host["feeder_s"] += self._feeder.wait_s
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if gpu else None
@@ -376,19 +436,31 @@ class DaliTwoCropLoader(TwoCropLoader):
                 self.last_debug = self._debug_outputs(outs[num_views + 1:], n)
             yield (*views, labels)
 
+    def host_time(self) -> dict:
+        """The training thread's seconds in `pipe.run()` (`run_s`) and, within them, in the feeder
+        (`feeder_s`), over the `batches` handed out since the loader was made: where the host's share
+        of a data wait goes (the rest of run_s waits for DALI's own threads)."""
+        feeder = self._feeder.wait_s if self._feeder is not None else 0.0
+        return {**self._host, "feeder_s": self._host["feeder_s"] + feeder}
+
     def _run(self):
-        """pipe.run(). DALI's decoders fail naming no file: then the files of this batch and of
-        those prefetched after it are decoded on the CPU, the ones that fail are marked bad
-        (named, replaced from now on) and the pipeline is rebuilt at the same position."""
-        while True:
-            try:
-                return self._pipe.run()
-            except RuntimeError:
-                ahead = itertools.islice(self.cursor.batches(across_epochs=True), self.prefetch_queue_depth + 1)
-                if not self.bad.find_undecodable(i for _, _, idx in ahead for i in idx):
-                    raise
-                self._dali_state = None   # the random state here is lost with the pipeline: seed it
-                self._build()
+        """pipe.run() (its time counted in `host_time`). DALI's decoders fail naming no file: then the
+        files of this batch and of those prefetched after it are decoded on the CPU, the ones that fail
+        are marked bad (named, replaced from now on) and the pipeline is rebuilt at the same position."""
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self._pipe.run()
+                except RuntimeError:
+                    ahead = itertools.islice(self.cursor.batches(across_epochs=True), self.prefetch_queue_depth + 1)
+                    if not self.bad.find_undecodable(i for _, _, idx in ahead for i in idx):
+                        raise
+                    self._dali_state = None   # the random state here is lost with the pipeline: seed it
+                    self._build()
+        finally:
+            self._host["run_s"] += time.perf_counter() - t0
+            self._host["batches"] += 1
 
     @staticmethod
     def _debug_outputs(outs, n) -> dict:

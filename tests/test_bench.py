@@ -185,6 +185,9 @@ def test_smoke_run_has_every_section(tmp_path):
     phases = {r["build"]: r for r in records if r["section"] == "breakdown"}
     assert set(phases) == {"device", "dali"} and all(r["status"] == "ok" for r in phases.values()), phases
     assert "data stall of the end-to-end step" in out and "top kernels" in out
+    host = phases["dali"]["metrics"]["data_host"]   # the loader's own clock over the phases' steps
+    assert host["batches"] == phases["dali"]["metrics"]["steps"] and 0 < host["feeder_ms"] < host["run_ms"], host
+    assert "host time of its data phase: pipe.run()" in out
     r50 = {(r["name"], r["build"]): r for r in records if r["section"] == "r50"}
     assert set(r50) == {("step", "trainer"), ("step", "e2e"), ("step", "peer"), ("lars", "fused"),
                         ("lars", "reference")} and all(r["status"] == "ok" for r in r50.values()), r50

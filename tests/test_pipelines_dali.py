@@ -217,6 +217,9 @@ def test_one_pipeline_serves_consecutive_epochs_in_plan_order(mixed):
     shapes = [ld.last_debug["image_shape1"][:, :2] for _ in ld]
     expect = [Image.open(mixed[i][0]).size[::-1] for i in ld.plan.epoch_indices(1, 2)]
     assert np.array_equal(np.concatenate(shapes), np.array(expect)) and ld._pipe is not pipes[0]
+    # the training thread's time in pipe.run() and, within it, in the feeders of both pipelines
+    host = ld.host_time()
+    assert host["batches"] == 3 * len(ld) + len(shapes) and 0 < host["feeder_s"] < host["run_s"], host
 
 
 def test_seeded_determinism_and_resume(mixed):
