@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU tests and the bench figures of one GPU machine, in stages. From the root:
 #
-#     bash bench/gpu_session.sh                       # the default stages: tests, vitb, vith
-#     STAGES="extra chunk data" bash bench/gpu_session.sh   # others, e.g. in a second device call
+#     bash bench/gpu_session.sh                       # the default stages: tests, vitb (one call)
+#     STAGES="vith extra" bash bench/gpu_session.sh   # others, in a second call where time is left
 #
 # tests    every GPU test (pytest -m gpu; the files come from pytest's own collection, so none is left
 #          out): one pytest process per file, TEST_JOBS at a time, each cut at TEST_TIMEOUT seconds.
@@ -22,8 +22,10 @@
 # of the measured ~790 TFLOP/s bf16 dense rate (~1700 img/s), >= 1.8x the peer.
 #
 # Measured cold on the H200 (2026-12-04), one file after another: the kernel tests ~250 s (Triton
-# compiles), vitb ~180 s, ViT-S/L ~115 s. The stages' limits add up to about 11 minutes: where one job
-# may take 10, run STAGES="tests vitb" in one and STAGES="vith extra" in the next.
+# compiles), vitb ~180 s, ViT-S/L ~115 s. A lent session has 15 minutes of device time in all: the
+# machine's start (1-2 min) and the DALI calls (../shared/device/README.md) leave one call of about 8,
+# which the default stages fit (limits: tests 180 s in parallel, vitb 230 s). With 4 minutes or more
+# left after it, STAGES=vith (210 s) in a second call; what does not fit goes first next time.
 # What comes back from a device call is at most 8 files, so everything lands in a few, under $OUT, as
 # it is made (a call cut at its limit loses nothing already measured): log.txt (all that is printed,
 # the environment first), gpu_tests.txt (the table of test files, then each file's whole log, appended
@@ -147,7 +149,7 @@ run_tests() {  # every GPU test file, TEST_JOBS at a time; then the table heads 
 }
 
 # The stages, most needed first; STAGES picks some.
-STAGES="${STAGES:-tests vitb vith}"
+STAGES="${STAGES:-tests vitb}"
 rc_all=0
 for stage in $STAGES; do
     case $stage in

@@ -129,7 +129,38 @@ def resolve_deepspeed_config(cfg: Config, world: int, use_cuda: bool) -> dict:
     ds.update(train_micro_batch_size_per_gpu=micro, train_batch_size=micro * world, gradient_accumulation_steps=1)
     ds.setdefault("zero_allow_untested_optimizer", True)  # a client optimizer (fastmoco/optim.py): no C++ op
     ds.setdefault("steps_per_print", 10 ** 9)  # fastmoco logs itself
+    _no_host_sync_in_step(ds)
     return ds
+
+
+def _no_host_sync_in_step(ds: dict) -> None:
+    """Two DeepSpeed defaults off, unless the config sets them: under bf16, ZeRO-1/2's step scans
+    every gradient for inf/NaN (two reductions per gradient, a Python loop) and reads the verdict on
+    the host (`.item()`: the host waits for the whole backward, then the GPU waits for the host's
+    launches), and it takes the global gradient norm (one reduction per gradient) that only
+    `gradient_clipping` uses.
+
+    bf16 has no loss scale for an overflow check to lower: a non-finite gradient makes a non-finite
+    loss, which fastmoco detects every logging.check_finite_every steps and stops on, naming the step,
+    with the last checkpoint finite (fastmoco/metrics.py). Where DeepSpeed refuses `compute_grad_norm`
+    off (clipping on, optimizer offload, ZeRO-1 bf16 with fp32 gradient accumulation, which takes its
+    BF16_Optimizer) or does not know a key (an older DeepSpeed), its default stays. ZeRO-0's bf16
+    wrapper and ZeRO-3 check in any case (a host read per parameter, and one a step)."""
+    from fastmoco.quiet import import_deepspeed
+    import_deepspeed()
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:
+        return
+    if ds["bf16"]["enabled"] and "check_grad_overflow" in DeepSpeedBF16Config.model_fields:
+        ds["bf16"].setdefault("check_grad_overflow", False)
+    zero = ds.get("zero_optimization") or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    fp32_accumulation = str((ds.get("data_types") or {}).get("grad_accum_dtype", "")).lower() in ("fp32", "float32", "float")
+    if (zero.get("stage", 0) in (1, 2) and not ds.get("gradient_clipping") and not offload and not fp32_accumulation
+            and "compute_grad_norm" in DeepSpeedZeroConfig.model_fields):
+        ds["zero_optimization"] = {**zero, "compute_grad_norm": zero.get("compute_grad_norm", False)}
 
 
 @contextlib.contextmanager

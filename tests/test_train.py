@@ -11,7 +11,7 @@ import pytest
 import torch
 from limits import run_until_hang
 
-from fastmoco.config import ConfigError, load_config
+from fastmoco.config import ConfigError, load_config, validate_deepspeed
 from fastmoco.train import resolve_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +163,22 @@ def test_deepspeed_batch_config_resolves_micro_batch_and_bf16():
     ds = resolve_deepspeed_config(load_config(TINY, ["--deepspeed.train_batch_size", "16"]), world=2, use_cuda=False)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["bf16"]["enabled"] is False
     assert resolve_deepspeed_config(load_config(TINY), world=1, use_cuda=True)["bf16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("config, override, check, norm", [
+    ("vit_b.json", [], False, False),     # the recipes' ZeRO-1 / ZeRO-2: both off
+    ("vit_l.json", [], False, False),
+    ("vit_h.json", [], False, None),      # ZeRO-3: DeepSpeed takes no compute_grad_norm there
+    ("vit_b.json", ["--deepspeed.gradient_clipping", "1.0"], False, None),   # clipping reads the norm
+    ("vit_b.json", ["--deepspeed.bf16.check_grad_overflow", "true",
+                    "--deepspeed.zero_optimization.compute_grad_norm", "true"], True, True),   # the config's own
+])
+def test_deepspeed_step_defaults_without_host_sync(config, override, check, norm):
+    """What DeepSpeed gets (tests/test_host_sync.py measures what they do to the step)."""
+    ds = resolve_deepspeed_config(load_config(str(ROOT / "configs" / config), override), world=1, use_cuda=True)
+    assert ds["bf16"].get("check_grad_overflow") is check
+    assert ds["zero_optimization"].get("compute_grad_norm") is norm
+    validate_deepspeed(ds)   # DeepSpeed's own parser takes them
 
 
 def train_cli(tmp_path, *overrides):
